@@ -1,0 +1,184 @@
+"""Flax Linen wrappers of the pure core: they declare parameters and call :mod:`recurrence`.
+
+``LateralConv`` computes exactly ``recurrence.unroll(module_params(variables), x, ...)`` (tested);
+``LateralRecurrence`` computes ``recurrence.recur`` on a drive computed elsewhere (used inside
+residual blocks).  Parameter names: ``w_ff``, ``b_ff``, ``w_lat`` (or ``v_lat`` in the
+parametrised E/I form), ``w_inh`` (two-population form), ``drive_norm_{scale,bias}``,
+``loop_norm_{scale,bias}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lateral_jax import ei, recurrence
+from lateral_jax.recurrence import LateralConfig, LateralParams, NormParams, Unrolled
+
+
+def _norm_params(module: nn.Module, prefix: str, kind: str, channels: int) -> NormParams | None:
+    if kind == "none":
+        return None
+    return NormParams(
+        module.param(f"{prefix}_scale", nn.initializers.ones, (channels,), jnp.float32),
+        module.param(f"{prefix}_bias", nn.initializers.zeros, (channels,), jnp.float32),
+    )
+
+
+def _declare_lateral(
+    module: nn.Module,
+    channels: int,
+    config: LateralConfig,
+    *,
+    num_steps: int,
+    unshared: bool,
+    ei_mode: str,
+    excitatory_fraction: float,
+) -> dict[str, Any]:
+    """Declares the lateral parameters on ``module``; returns the effective ``w_lat``/``w_inh``/``loop_norm``."""
+
+    def lateral_init(key, size=None):
+        return recurrence.init_lateral_kernel(key, config, channels, size)
+
+    if unshared:
+        w_lat = module.param("w_lat", lambda key: jax.vmap(lateral_init)(jax.random.split(key, num_steps)))
+    elif ei_mode == "parametrise":
+        signs = ei.dale_signs(channels, excitatory_fraction)
+        v_lat = module.param("v_lat", lambda key: ei.inverse_parametrise(lateral_init(key)))
+        w_lat = ei.parametrise(v_lat, signs)
+    else:
+        w_lat = module.param("w_lat", lateral_init)
+    w_inh = None
+    if config.inhibitory_size is not None:
+        w_inh = module.param("w_inh", lambda key: -jnp.abs(lateral_init(key, config.inhibitory_size)))
+    return {"w_lat": w_lat, "w_inh": w_inh, "loop_norm": _norm_params(module, "loop_norm", config.loop_norm, channels)}
+
+
+class LateralConv(nn.Module):
+    """A convolution with lateral recurrence: ``recurrence.unroll`` as a Linen layer.
+
+    Attributes:
+      features: output channels C.
+      num_steps: T lateral loops (0: a plain conv + norm + activation, no lateral parameters).
+      config: :class:`~lateral_jax.recurrence.LateralConfig`.
+      grad_mode, truncate_steps, implicit_tol, implicit_max_steps, scan_unroll: as in ``unroll``.
+      ei_mode: only ``"parametrise"`` changes the parameters (``v_lat`` with fixed signs); the
+        penalty modes act through the loss (:func:`lateral_jax.ei.ei_penalty`).
+      excitatory_fraction: fraction of E channels for the parametrised form.
+      unshared: the compute-matched control: one lateral kernel per loop, ``w_lat: [T, l, l, C, C]``.
+      dtype: computation dtype (parameters stay float32).
+    """
+
+    features: int
+    num_steps: int = 4
+    config: LateralConfig = LateralConfig.stable()
+    grad_mode: recurrence.GradMode = "full"
+    truncate_steps: int | None = None
+    implicit_tol: float = 1e-5
+    implicit_max_steps: int = 100
+    scan_unroll: Any = "auto"
+    ei_mode: ei.EIMode = "none"
+    excitatory_fraction: float = 0.8
+    unshared: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, return_states: bool = False) -> Unrolled:
+        num_steps = recurrence.check_num_steps(self.num_steps)
+        ei.check_mode(self.ei_mode)
+        cfg = self.config
+        recurrence.check_input(x, x.shape[-1])
+        in_channels, k = x.shape[-1], cfg.kernel_size
+        w_ff = self.param(
+            "w_ff",
+            lambda key: recurrence.he_normal(key, (k, k, in_channels, self.features), fan_in=k * k * in_channels),
+        )
+        b_ff = self.param("b_ff", nn.initializers.zeros, (self.features,), jnp.float32)
+        drive_norm = _norm_params(self, "drive_norm", cfg.drive_norm, self.features)
+        x = x.astype(self.dtype)
+        if num_steps == 0:
+            params = LateralParams(
+                w_ff, b_ff, None, None, drive_norm, _norm_params(self, "loop_norm", cfg.loop_norm, self.features)
+            )
+            a0 = recurrence.initial_state(params, recurrence.afferent_drive(params, x, cfg), cfg)
+            return Unrolled(a0, a0[None] if return_states else None, jnp.zeros((), jnp.float32))
+        lateral = _declare_lateral(
+            self,
+            self.features,
+            cfg,
+            num_steps=num_steps,
+            unshared=self.unshared,
+            ei_mode=self.ei_mode,
+            excitatory_fraction=self.excitatory_fraction,
+        )
+        params = LateralParams(w_ff, b_ff, drive_norm=drive_norm, **lateral)
+        if self.unshared:
+            return recurrence.unroll_unshared(
+                params, x, config=cfg, return_states=return_states, scan_unroll=self.scan_unroll
+            )
+        return recurrence.unroll(
+            params,
+            x,
+            num_steps=num_steps,
+            config=cfg,
+            grad_mode=self.grad_mode,
+            truncate_steps=self.truncate_steps,
+            implicit_tol=self.implicit_tol,
+            implicit_max_steps=self.implicit_max_steps,
+            return_states=return_states,
+            scan_unroll=self.scan_unroll,
+        )
+
+
+class LateralRecurrence(nn.Module):
+    """``recurrence.recur`` as a Linen layer: lateral loops on a drive computed elsewhere."""
+
+    num_steps: int = 4
+    config: LateralConfig = LateralConfig.stable()
+    grad_mode: recurrence.GradMode = "full"
+    truncate_steps: int | None = None
+    scan_unroll: Any = "auto"
+    ei_mode: ei.EIMode = "none"
+    excitatory_fraction: float = 0.8
+
+    @nn.compact
+    def __call__(self, drive: jax.Array, *, return_states: bool = False) -> Unrolled:
+        num_steps = recurrence.check_num_steps(self.num_steps)
+        lateral = _declare_lateral(
+            self,
+            drive.shape[-1],
+            self.config,
+            num_steps=num_steps,
+            unshared=False,
+            ei_mode=self.ei_mode,
+            excitatory_fraction=self.excitatory_fraction,
+        )
+        params = LateralParams(None, None, **lateral)
+        return recurrence.recur(
+            params,
+            drive,
+            num_steps=num_steps,
+            config=self.config,
+            grad_mode=self.grad_mode,
+            truncate_steps=self.truncate_steps,
+            return_states=return_states,
+            scan_unroll=self.scan_unroll,
+        )
+
+
+def module_params(variables: dict, *, excitatory_fraction: float = 0.8) -> LateralParams:
+    """Converts one ``LateralConv``'s Linen params dict to the pure :class:`LateralParams`."""
+    p = variables.get("params", variables)
+
+    def norm(prefix):
+        return NormParams(p[f"{prefix}_scale"], p[f"{prefix}_bias"]) if f"{prefix}_scale" in p else None
+
+    if "v_lat" in p:
+        channels = p["v_lat"].shape[-1]
+        w_lat = ei.parametrise(p["v_lat"], ei.dale_signs(channels, excitatory_fraction))
+    else:
+        w_lat = p.get("w_lat")
+    return LateralParams(p["w_ff"], p["b_ff"], w_lat, p.get("w_inh"), norm("drive_norm"), norm("loop_norm"))
