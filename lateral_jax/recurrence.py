@@ -18,8 +18,10 @@ Everything here is a pure function over ``NamedTuple`` pytrees; no Flax.  ``unro
 step with :func:`jax.lax.scan` and offers four ways to differentiate through the loop:
 
 * ``"full"``: backpropagation through time, autodiff through the scan.
-* ``"remat"``: the same gradient, recomputing each step's internals in the backward pass
-  (``jax.checkpoint`` per step), so only the carried state ``a(t)`` is stored per loop.
+* ``"remat"``: the same gradient with √T checkpointing: the loop is cut into segments of
+  ``round(√T)`` loops under ``jax.checkpoint``; the backward pass keeps the segment inputs and
+  recomputes one segment at a time, so O(√T) states are stored instead of O(T) (per-step
+  checkpointing would save nothing here: a step's only residual *is* its input state).
 * ``"truncated"``: gradients flow through the last ``truncate_steps`` loops only; ``a(T-K)`` is
   treated as a constant.
 * ``"implicit"``: iterate to a fixed point ``a* = f(N_l(d + L(a*)))`` and differentiate it with the
@@ -379,6 +381,49 @@ def _scan(body, init, xs, length: int, scan_unroll: int | bool | Literal["auto"]
     return jax.lax.scan(body, init, xs, length=length, unroll=unroll_factor)
 
 
+def _scan_steps(step_fn, a0: jax.Array, xs, length: int, *, return_states: bool, scan_unroll):
+    """Scans ``length`` steps from ``a0``; returns ``((a(T), a(T-1)), a(1..T) or None)``."""
+
+    def body(carry, x):
+        prev, _ = carry
+        new, _ = step_fn(prev, x)
+        return (new, prev), (new if return_states else None)
+
+    return _scan(body, (a0, a0), xs, length, scan_unroll)
+
+
+def remat_segment_length(num_steps: int) -> int:
+    """Loops per checkpointed segment in ``"remat"`` mode: ``round(√T)`` (at least 1)."""
+    return max(1, round(math.sqrt(num_steps)))
+
+
+def _scan_steps_remat(step_fn, a0: jax.Array, num_steps: int, *, return_states: bool, scan_unroll):
+    """√T checkpointing: an outer scan over segments of S = round(√T) loops, each segment wrapped
+    in ``jax.checkpoint``.  The backward pass stores the T/S segment inputs and recomputes one
+    segment (S states) at a time: O(√T) states in memory for about one extra forward pass."""
+    seg = remat_segment_length(num_steps)
+    n_seg, rem = divmod(num_steps, seg)
+
+    def segment(length):
+        return jax.checkpoint(
+            lambda a: _scan_steps(step_fn, a, None, length, return_states=return_states, scan_unroll=scan_unroll)
+        )
+
+    run_seg = segment(seg)
+
+    def outer(carry, _):
+        return run_seg(carry[0])
+
+    (final, before), ys = _scan(outer, (a0, a0), None, n_seg, scan_unroll)
+    if return_states:
+        ys = ys.reshape((n_seg * seg, *ys.shape[2:]))
+    if rem:
+        (final, before), ys_rem = segment(rem)(final)
+        if return_states:
+            ys = jnp.concatenate([ys, ys_rem], axis=0)
+    return (final, before), ys
+
+
 def _run_loops(
     step_fn,
     a0: jax.Array,
@@ -387,19 +432,21 @@ def _run_loops(
     *,
     return_states: bool,
     scan_unroll,
+    remat: bool = False,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-    """Scans ``step_fn`` ``num_steps`` times from ``a0``; returns (final, states a(0..T), a(T-1))."""
+    """Runs ``num_steps`` loops from ``a0``; returns (final, states a(0..T) or None, a(T-1))."""
     if num_steps == 0:
         return a0, (a0[None] if return_states else None), a0
-
-    def body(carry, x):
-        prev, _ = carry
-        new, _ = step_fn(prev, x)
-        return (new, prev), (new if return_states else None)
-
-    (final, before_final), ys = _scan(body, (a0, a0), xs, num_steps, scan_unroll)
+    if remat:
+        (final, before), ys = _scan_steps_remat(
+            step_fn, a0, num_steps, return_states=return_states, scan_unroll=scan_unroll
+        )
+    else:
+        (final, before), ys = _scan_steps(
+            step_fn, a0, xs, num_steps, return_states=return_states, scan_unroll=scan_unroll
+        )
     states = jnp.concatenate([a0[None], ys], axis=0) if return_states else None
-    return final, states, before_final
+    return final, states, before
 
 
 def recur(
@@ -472,10 +519,8 @@ def recur(
     elif truncate_steps is not None:
         raise ValueError(f"truncate_steps={truncate_steps!r} is only used with grad_mode='truncated'.")
 
-    if grad_mode == "remat":
-        step_fn = jax.checkpoint(step_fn)
     final, states, before = _run_loops(
-        step_fn, a0, None, num_steps, return_states=return_states, scan_unroll=scan_unroll
+        step_fn, a0, None, num_steps, return_states=return_states, scan_unroll=scan_unroll, remat=grad_mode == "remat"
     )
     return Unrolled(final, states, relative_change(final, before))
 

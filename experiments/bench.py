@@ -1,0 +1,221 @@
+"""Benchmark of the reference workload (../shared/bench/WORKLOAD.md) with lateral_jax's own model
+and train step. Prints one JSON line per configuration.
+
+  python -m experiments.bench                                   # CPU defaults: batch 128, T=4, fp32
+  python -m experiments.bench --grad-modes full,remat,truncated,implicit --steps 4
+  python -m experiments.bench --memory-only --steps 4,16,64 --grad-modes full,remat,implicit
+  python -m experiments.bench --batch 256,1024 --dtype float32,bfloat16 --vs-torch   # GPU
+
+Each line: images/s, step ms, compile s, peak memory (XLA's buffer assignment for the compiled
+step; on GPU also the allocator's peak), the model FLOPs per trained image (analytic, 3× forward)
+and the model FLOP utilisation against ``--peak-tflops`` (default: a per-device table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lateral_jax import models, train
+from lateral_jax.recurrence import LateralConfig
+
+WIDTHS = (64, 128, 256)
+PEAK_TFLOPS = {"H100": {"float32": 67.0, "bfloat16": 989.0}, "H200": {"float32": 67.0, "bfloat16": 989.0}}
+TORCH_PEER = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "torch_peer.py"
+
+
+def workload_model(num_steps: int, grad_mode: str, dtype, scan_unroll="auto", truncate_steps=None) -> models.LateralCNN:
+    """The reference LC-CNN: 3 stages 64/128/256, raw lateral layer (no norm), mixed-sign E/I 1e-3."""
+    return models.LateralCNN(
+        widths=WIDTHS,
+        num_classes=10,
+        num_steps=num_steps,
+        lateral=LateralConfig.paper(lateral_init_scale=0.0),
+        grad_mode=grad_mode,
+        truncate_steps=truncate_steps,
+        implicit_tol=1e-4,
+        implicit_max_steps=num_steps,
+        ei_mode="mixed_sign",
+        ei_weight=1e-3,
+        scan_unroll=scan_unroll,
+        dtype=dtype,
+    )
+
+
+def flops_per_image(
+    num_steps: int, widths=WIDTHS, size: int = 32, in_channels: int = 3, k: int = 3, l: int = 3
+) -> float:
+    """Training FLOPs per image: 3 × forward (afferent convs + T lateral convs per layer)."""
+    fwd, cin = 0.0, in_channels
+    for w in widths:
+        fwd += 2 * k * k * cin * w * size * size + num_steps * 2 * l * l * w * w * size * size
+        cin, size = w, size // 2
+    return 3.0 * fwd
+
+
+def device_peak_tflops(dtype: str) -> float | None:
+    kind = jax.devices()[0].device_kind
+    for name, table in PEAK_TFLOPS.items():
+        if name in kind:
+            return table[dtype]
+    return None
+
+
+def run_config(batch: int, num_steps: int, grad_mode: str, dtype: str, iters: int, memory_only: bool, args) -> dict:
+    mesh = train.make_mesh(jax.devices()[:1])
+    model = workload_model(
+        num_steps,
+        "truncated" if grad_mode == "truncated" else grad_mode,
+        jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
+        scan_unroll=args.scan_unroll if args.scan_unroll == "auto" else int(args.scan_unroll),
+        truncate_steps=max(1, num_steps // 2) if grad_mode == "truncated" else None,
+    )
+    tx = train.make_optimizer(
+        train.OptimizerConfig(
+            name="momentum", learning_rate=0.01, weight_decay=0.0, schedule="constant", grad_clip_norm=None
+        )
+    )
+    rng = np.random.default_rng(0)
+    host_batch = {
+        "image": rng.standard_normal((batch, 32, 32, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, (batch,)).astype(np.int32),
+    }
+    state = train.replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, 32, 32, 3))), mesh)
+    data = train.shard_batch(host_batch, mesh)
+    step = train.jit_train_step(model, tx, mesh)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, data).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    xla_peak = None
+    if mem is not None:
+        xla_peak = int(
+            mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+        )
+    row = {
+        "impl": "lateral_jax",
+        "device": jax.devices()[0].device_kind,
+        "batch": batch,
+        "steps": num_steps,
+        "grad_mode": grad_mode,
+        "dtype": dtype,
+        "compile_s": round(compile_s, 2),
+        "xla_peak_mib": None if xla_peak is None else round(xla_peak / 2**20, 1),
+        "xla_temp_mib": None if mem is None else round(mem.temp_size_in_bytes / 2**20, 1),
+        "train_gflop_per_image": round(flops_per_image(num_steps) / 1e9, 3),
+    }
+    if memory_only:
+        return row
+    for _ in range(args.warmup):
+        state, metrics = compiled(state, data)
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        state, metrics = compiled(state, data)
+    jax.block_until_ready(state)
+    dt = (time.perf_counter() - t0) / iters
+    row.update(
+        images_per_s=round(batch / dt, 1),
+        step_ms=round(1e3 * dt, 2),
+        loss=float(metrics["loss"]),
+    )
+    peak = device_peak_tflops(dtype)
+    if peak:
+        row["mfu"] = round(flops_per_image(num_steps) * batch / dt / (peak * 1e12), 4)
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        row["device_peak_mib"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
+    return row
+
+
+def run_torch(batch: int, num_steps: int, iters: int, extra: list[str], device: str) -> dict:
+    cmd = [
+        sys.executable,
+        str(TORCH_PEER),
+        "--batch",
+        str(batch),
+        "--steps",
+        str(num_steps),
+        "--iters",
+        str(iters),
+        "--device",
+        device,
+        *extra,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode:
+        return {"impl": "torch", "args": extra, "error": out.stderr.strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", default="128")
+    p.add_argument("--steps", default="4", help="comma-separated lateral loop counts T")
+    p.add_argument("--grad-modes", default="full")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--scan-unroll", default="auto", help="'auto' or an int unroll factor for lax.scan")
+    p.add_argument("--memory-only", action="store_true", help="compile and report XLA's memory plan; do not run")
+    p.add_argument("--vs-torch", action="store_true", help="also run ../shared/bench/torch_peer.py and print ratios")
+    p.add_argument("--out", default=None, help="append the JSON lines to this file too")
+    args = p.parse_args(argv)
+    header = {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": len(jax.devices()),
+        "cpus": os.cpu_count(),
+    }
+    print(json.dumps({"env": header}), flush=True)
+    rows = []
+    for batch in map(int, args.batch.split(",")):
+        for num_steps in map(int, args.steps.split(",")):
+            for dtype in args.dtype.split(","):
+                for mode in args.grad_modes.split(","):
+                    row = run_config(batch, num_steps, mode, dtype, args.iters, args.memory_only, args)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            if args.vs_torch and not args.memory_only:
+                device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+                variants = (
+                    [[]]
+                    if device == "cpu"
+                    else [[], ["--bf16", "--channels-last"], ["--compile", "--bf16", "--channels-last"]]
+                )
+                for extra in variants:
+                    t = run_torch(batch, num_steps, args.iters * 4, extra, device)
+                    print(json.dumps(t), flush=True)
+                    ours = [
+                        r for r in rows if r["batch"] == batch and r["steps"] == num_steps and r.get("images_per_s")
+                    ]
+                    if "images_per_s" in t:
+                        for r in ours:
+                            ratio = {
+                                "ratio_vs": t["impl"] + ("-bf16" if t.get("bf16") else ""),
+                                "ours": f"{r['dtype']}/{r['grad_mode']}",
+                                "batch": batch,
+                                "steps": num_steps,
+                                "ratio": round(r["images_per_s"] / t["images_per_s"], 3),
+                            }
+                            print(json.dumps(ratio), flush=True)
+                            rows.append(ratio)
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()

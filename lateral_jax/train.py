@@ -1,0 +1,236 @@
+"""Pure, jitted training and evaluation steps, data-parallel over every device.
+
+``train_step(state, batch) -> (state, metrics)`` minimises
+
+    L(θ) = CE(model(x; θ), y) + λ_EI · L_EI(θ)
+
+with an optax optimiser.  The step is *non-finite safe*: if the loss or a gradient is not finite
+the update is skipped (params and optimiser state stay as they were) and ``state.nonfinite_step``
+records the first such step, so the host can stop with an error naming it without a per-step sync.
+
+Data parallelism is the single-program form JAX recommends (``jax.pmap`` is in maintenance mode):
+one ``jax.jit`` over a 1-D ``Mesh`` of all devices of all processes, the batch sharded along
+``"data"``, params and optimiser state replicated; XLA inserts the gradient all-reduce.  Mesh axes
+are ``AxisType.Auto`` (with Explicit axes, ``softmax_cross_entropy_with_integer_labels`` fails
+under ``grad`` on JAX ≥ 0.11).  The same code runs on 1 device, N devices and N hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lateral_jax import ei
+
+Batch = dict[str, jax.Array]
+
+
+class TrainState(NamedTuple):
+    """Everything a training run carries between steps (a pytree; checkpointed as a whole)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    nonfinite_step: jax.Array  # -1 while every loss so far was finite
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised by the host loop when the loss or a gradient became NaN/Inf."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimiser and schedule (``name``: sgd | momentum | adam | adamw; ``schedule``: constant | cosine)."""
+
+    name: str = "momentum"
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    grad_clip_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in ("sgd", "momentum", "adam", "adamw"):
+            raise ValueError(f"optimizer name={self.name!r} is not supported; choose sgd, momentum, adam or adamw.")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule={self.schedule!r} is not supported; choose 'constant' or 'cosine'.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate={self.learning_rate!r} must be > 0.")
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps={self.total_steps!r} must be >= 1.")
+        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+            raise ValueError(f"grad_clip_norm={self.grad_clip_norm!r} must be > 0 or None (no clipping).")
+
+
+def make_optimizer(
+    config: OptimizerConfig, *, ei_mode: str = "none", excitatory_fraction: float | None = None
+) -> optax.GradientTransformation:
+    """Clip → optimiser with schedule (→ the Dale projection when ``ei_mode == "project"``)."""
+    if config.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0 if config.warmup_steps else config.learning_rate,
+            config.learning_rate,
+            max(config.warmup_steps, 0),
+            max(config.total_steps, config.warmup_steps + 1),
+        )
+    else:
+        lr = config.learning_rate
+    base = {
+        "sgd": lambda: optax.sgd(lr),
+        "momentum": lambda: optax.chain(optax.add_decayed_weights(config.weight_decay), optax.sgd(lr, config.momentum)),
+        "adam": lambda: optax.adam(lr),
+        "adamw": lambda: optax.adamw(lr, weight_decay=config.weight_decay),
+    }[config.name]()
+    parts = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
+    parts.append(base)
+    if ei_mode == "project":
+        parts.append(ei.project_dale(excitatory_fraction=excitatory_fraction))
+    return optax.chain(*parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------
+
+
+def init_state(model: Any, tx: optax.GradientTransformation, key: jax.Array, example: jax.Array) -> TrainState:
+    params = model.init(key, example)["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.full((), -1, jnp.int32))
+
+
+def loss_and_metrics(model: Any, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``CE + λ_EI · L_EI`` and the per-batch metrics (loss parts, accuracy, final-loop change)."""
+    out = model.apply({"params": params}, batch["image"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["label"]).mean()
+    penalty = model.ei_penalty(params)
+    metrics = {
+        "ce": ce,
+        "ei_penalty": penalty,
+        "accuracy": jnp.mean(jnp.argmax(out.logits, -1) == batch["label"]),
+    }
+    if out.residuals:
+        metrics["final_loop_change"] = jnp.mean(jnp.stack(list(out.residuals.values())))
+    return ce + penalty, metrics
+
+
+def train_step(
+    state: TrainState, batch: Batch, *, model: Any, tx: optax.GradientTransformation
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step; skips the update (and records the step) when anything is non-finite."""
+    (loss, metrics), grads = jax.value_and_grad(lambda p: loss_and_metrics(model, p, batch), has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step)
+    new_state = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), nonfinite_step)
+    return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm}
+
+
+def eval_step(params: Any, batch: Batch, *, model: Any) -> dict[str, jax.Array]:
+    """Sums (not means) of correct predictions, loss and count, so shards and batches add up.
+
+    Examples whose ``label`` is negative are padding and are not counted.
+    """
+    logits = model.apply({"params": params}, batch["image"]).logits
+    valid = batch["label"] >= 0
+    labels = jnp.where(valid, batch["label"], 0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {
+        "correct": jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == labels, False)),
+        "loss_sum": jnp.sum(jnp.where(valid, ce, 0.0)),
+        "count": jnp.sum(valid),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Data-parallel wiring
+# --------------------------------------------------------------------------------------------
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D ``("data",)`` mesh over ``devices`` (default: every device of every process), Auto axes."""
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+    if global_batch_size % mesh.size:
+        raise ValueError(
+            f"batch_size={global_batch_size} is not divisible by the {mesh.size} devices of the mesh; "
+            f"use a multiple of {mesh.size} (e.g. {mesh.size * max(1, global_batch_size // mesh.size)})."
+        )
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> Batch:
+    """Places this process's part of the global batch on its devices as one global ``jax.Array``.
+
+    Single process: ``batch`` is the global batch.  Multi-host: each process passes its own
+    ``1/process_count`` of the global batch, in process order.
+    """
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Puts a pytree (identical on every process) on every device of the mesh."""
+    sharding = replicated(mesh)
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), jax.device_get(tree)
+    )
+
+
+def jit_train_step(model: Any, tx: optax.GradientTransformation, mesh: Mesh) -> Callable:
+    """``train_step`` jitted over ``mesh``: state replicated and donated, batch sharded."""
+    rep, data = replicated(mesh), batch_sharding(mesh)
+
+    def step(state, batch):
+        return train_step(state, batch, model=model, tx=tx)
+
+    return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+
+
+def jit_eval_step(model: Any, mesh: Mesh) -> Callable:
+    rep, data = replicated(mesh), batch_sharding(mesh)
+    return jax.jit(
+        lambda params, batch: eval_step(params, batch, model=model), in_shardings=(rep, data), out_shardings=rep
+    )
+
+
+def evaluate(eval_fn: Callable, params: Any, batches, mesh: Mesh) -> dict[str, float]:
+    """Accuracy and mean loss over an iterable of host batches (padded batches allowed)."""
+    totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
+    for batch in batches:
+        out = jax.device_get(eval_fn(params, shard_batch(batch, mesh)))
+        for k in totals:
+            totals[k] += float(out[k])
+    count = max(totals["count"], 1.0)
+    return {"accuracy": totals["correct"] / count, "loss": totals["loss_sum"] / count, "count": int(totals["count"])}
+
+
+def ei_metrics(params: Any, *, excitatory_fraction: float = 0.8) -> dict[str, float]:
+    """Layer-averaged E/I diagnostics as host floats (empty for a model without lateral kernels)."""
+    per_kernel = ei.diagnostics(jax.device_get(params), excitatory_fraction=excitatory_fraction)
+    if not per_kernel:
+        return {}
+    keys = next(iter(per_kernel.values())).keys()
+    return {f"ei/{k}": float(np.mean([float(d[k]) for d in per_kernel.values()])) for k in keys}
