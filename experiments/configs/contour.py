@@ -1,0 +1,23 @@
+"""The main job: F-CNN vs LC-CNN vs LCEI-CNN on the embedded contour-integration task.
+
+Command (also the README's main job):
+  python -m experiments.main --config experiments/configs/contour.py --workdir runs/main
+Smoke variant (CI, ~1 min): --config experiments/configs/contour.py:smoke
+Runtime: about 6 minutes on a 2-core CPU (fcnn ~0.5 min, lccnn/lceicnn ~2.5 min each).
+Expected result: see README "Main job" (validation accuracy per model, measured).
+"""
+
+from experiments.configs import base
+
+
+def get_config(variant: str = ""):
+    c = base.get_base_config()
+    c.data.dataset = "contour"
+    if variant == "smoke":
+        c.data.num_train, c.data.num_validation = 256, 128
+        c.model.widths = (8, 8)
+        c.model.num_steps = 2
+        c.num_epochs = 1.0
+        c.batch_size = 32
+        c.log_every = 2
+    return c

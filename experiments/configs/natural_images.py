@@ -1,0 +1,33 @@
+"""Kaggle's "Natural Images" (8 classes, layout natural_images/<class>/<image>.jpg), resized to 32×32,
+seeded 80/20 train/validation split.
+
+Command (after downloading the archive yourself):
+  python -m experiments.main --config experiments/configs/natural_images.py --workdir runs/natural \
+      --config.data.archive=/path/to/natural-images.zip
+Smoke: --config experiments/configs/natural_images.py:smoke (needs the archive too; the test suite
+runs it on a generated archive of the same layout).
+"""
+
+from experiments.configs import base
+
+
+def get_config(variant: str = ""):
+    c = base.get_base_config()
+    c.data.dataset = "image_folder"
+    c.data.archive = ""
+    c.data.image_size = 32
+    c.data.augment = True
+    c.data.validation_fraction = 0.2
+    c.model.widths = (32, 64, 128)
+    c.model.lateral.num_groups = 8
+    c.optimizer.update(dict(name="momentum", learning_rate=0.05, weight_decay=5e-4))
+    c.batch_size = 64
+    c.num_epochs = 15.0
+    if variant == "smoke":
+        c.model.widths = (8, 8)
+        c.model.num_steps = 2
+        c.model.lateral.num_groups = 4
+        c.num_epochs = 1.0
+        c.batch_size = 16
+        c.log_every = 2
+    return c

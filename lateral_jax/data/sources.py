@@ -1,0 +1,308 @@
+"""Random-access data sources without TensorFlow.
+
+* :func:`tfds_source` — a registered tfds dataset (``mnist``, ``fashion_mnist``, ``cifar10``) as a
+  ``tfds.data_source`` (array_record).  It is downloaded on first use on a machine with internet;
+  offline and absent, it fails at once with a clear error (tfds itself would retry for minutes).
+* :class:`ImageFolderArchive` — a tfds builder for images laid out ``[<split>/]<class>/<image>``
+  in a ``.tar``/``.tar.gz``/``.zip`` archive or a folder (CIFAR-10 JPEG archive, Kaggle's Natural
+  Images), written once as array_record and then read with random access.
+* :class:`ArraySource` — in-memory arrays (the synthetic tasks).
+* :func:`train_validation_split` — a deterministic, seeded, class-stratified split.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import socket
+import tarfile
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+SPLIT_NAMES = {"train": "train", "test": "test", "validation": "validation", "val": "validation", "valid": "validation"}
+REGISTERED = ("mnist", "fashion_mnist", "cifar10")
+
+
+class ArraySource:
+    """Random access into a dict of equal-length arrays: ``source[i] = {k: v[i]}``."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        lengths = {k: len(v) for k, v in arrays.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"arrays must have equal lengths; got {lengths}.")
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {k: v[index] for k, v in self.arrays.items()}
+
+
+class Subset:
+    """The examples ``indices`` of ``source``, by ``__getitem__`` only.
+
+    Reads one index at a time (``tfds.testing.mock_data``'s batched ``__getitems__`` is broken).
+    """
+
+    def __init__(self, source: Any, indices: Sequence[int] | None = None):
+        self.source = source
+        self.indices = np.arange(len(source)) if indices is None else np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.source[int(self.indices[index])]
+
+
+def labels_of(source: Any) -> np.ndarray:
+    """All labels of a source (fast path for :class:`ArraySource`)."""
+    if isinstance(source, ArraySource):
+        return np.asarray(source.arrays["label"])
+    if isinstance(source, Subset) and isinstance(source.source, ArraySource):
+        return np.asarray(source.source.arrays["label"])[source.indices]
+    return np.asarray([int(source[i]["label"]) for i in range(len(source))])
+
+
+def train_validation_split(
+    labels: np.ndarray, *, validation_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, class-stratified split of ``range(len(labels))`` into (train, validation) indices."""
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction={validation_fraction!r} must lie in (0, 1).")
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n_val = int(round(validation_fraction * len(idx)))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+# --------------------------------------------------------------------------------------------
+# Registered tfds datasets
+# --------------------------------------------------------------------------------------------
+
+
+def _tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError("tfds datasets need the data extra: pip install 'lateral_jax[data]'") from e
+    return tfds
+
+
+def internet_available(host: str = "storage.googleapis.com", port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether tfds's download host answers within ``timeout`` seconds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def tfds_source(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | None = None,
+    download: bool = True,
+    online: Callable[[], bool] = internet_available,
+) -> Any:
+    """A random-access ``tfds.data_source`` of a registered dataset (array_record format).
+
+    Raises ``FileNotFoundError`` at once when the dataset is not prepared in ``data_dir`` and it
+    cannot be downloaded (``download=False`` or no internet).
+    """
+    tfds = _tfds()
+    if name not in REGISTERED:
+        raise ValueError(f"dataset {name!r} is not one of the supported tfds datasets {REGISTERED}.")
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    if builder.is_prepared():
+        return builder.as_data_source(split=split)
+    can_download = download and online()
+    if can_download:
+        builder.download_and_prepare(file_format="array_record")
+        return builder.as_data_source(split=split)
+    try:  # data prepared elsewhere in tfds's search path (or tfds.testing.mock_data)
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # noqa: BLE001 - tfds raises several types for "absent"
+        where = builder.data_dir
+        if not download:
+            raise FileNotFoundError(
+                f"tfds dataset {name!r} is not prepared at {where} and download=False; prepare it on a machine "
+                f"with internet (python -c \"import tensorflow_datasets as tfds; tfds.data_source('{name}')\") "
+                "and copy the folder, or pass data_dir=... where it is."
+            ) from e
+        raise FileNotFoundError(
+            f"tfds dataset {name!r} is not prepared at {where} and this machine cannot reach the internet to "
+            "download it; copy a prepared tfds folder there (data_dir=...), or use an embedded synthetic task "
+            "(dataset='contour' or 'pathfinder') or a local image archive (dataset='image_folder')."
+        ) from e
+
+
+# --------------------------------------------------------------------------------------------
+# Local image folders / archives
+# --------------------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def iter_image_files(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
+    """Yields ``(relative path, bytes)`` of every image in a folder, ``.tar(.gz)`` or ``.zip``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"image archive or folder {str(path)!r} does not exist; check archive=... in the config."
+        )
+    if path.is_dir():
+        for file in sorted(path.rglob("*")):
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                yield file.relative_to(path).as_posix(), file.read_bytes()
+    elif zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            for name in sorted(zf.namelist()):
+                if name.lower().endswith(IMAGE_SUFFIXES):
+                    yield name, zf.read(name)
+    elif tarfile.is_tarfile(path):
+        with tarfile.open(path) as tf:
+            for member in tf:
+                if member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES):
+                    yield member.name, tf.extractfile(member).read()
+    else:
+        raise ValueError(f"{str(path)!r} is neither a folder nor a .tar/.tar.gz/.zip archive.")
+
+
+def list_image_names(path: str | os.PathLike) -> list[str]:
+    """Relative names of the images in a folder or archive, without reading the images."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"image archive or folder {str(path)!r} does not exist; check archive=... in the config."
+        )
+    if path.is_dir():
+        names = [p.relative_to(path).as_posix() for p in path.rglob("*")]
+    elif zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    else:
+        with tarfile.open(path) as tf:
+            names = [m.name for m in tf if m.isfile()]
+    return sorted(n for n in names if n.lower().endswith(IMAGE_SUFFIXES))
+
+
+def split_and_class(relative_path: str) -> tuple[str, str]:
+    """``train/cat/0001.jpg`` → (``train``, ``cat``); ``natural_images/cat/x.jpg`` → (``train``, ``cat``).
+
+    The split is the folder above the class folder when it is named train/test/val(idation);
+    otherwise the image belongs to ``train``.
+    """
+    parts = relative_path.strip("/").split("/")
+    if len(parts) < 2:
+        raise ValueError(f"image {relative_path!r} is not inside a class folder (<class>/<image>).")
+    split = SPLIT_NAMES.get(parts[-3].lower(), "train") if len(parts) >= 3 else "train"
+    return split, parts[-2]
+
+
+def decode_image(data: bytes, image_size: int | None, channels: int = 3) -> np.ndarray:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data)).convert("RGB" if channels == 3 else "L")
+    if image_size is not None and img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BILINEAR)
+    arr = np.asarray(img, np.uint8)
+    return arr if arr.ndim == 3 else arr[..., None]
+
+
+def _make_builder_class():
+    tfds = _tfds()
+
+    class ImageFolderArchive(tfds.core.GeneratorBasedBuilder):
+        """Images laid out ``[<split>/]<class>/<image>`` in an archive or folder, as uint8 tensors.
+
+        Classes are the sorted class-folder names.  Construct with ``archive=`` and ``image_size=``;
+        the prepared data lives under ``data_dir/image_folder_archive/<slug>/``.
+        """
+
+        VERSION = tfds.core.Version("1.0.0")
+
+        def __init__(self, *, archive: str, image_size: int, channels: int = 3, **kwargs):
+            self._archive = str(archive)
+            self._image_size = int(image_size)
+            self._channels = int(channels)
+            stat = os.stat(self._archive)
+            name = _slug(f"{Path(self._archive).name}_{self._image_size}_{self._channels}_{stat.st_size}")
+            self._splits, self._classes = self._scan()
+            config = tfds.core.BuilderConfig(name=name, description=f"{self._archive} at {self._image_size}px")
+            super().__init__(config=config, **kwargs)
+
+        def _scan(self) -> tuple[list[str], list[str]]:
+            """(splits, classes) from the file names alone (no image is decoded)."""
+            names = list_image_names(self._archive)
+            if not names:
+                raise ValueError(f"no images found in {self._archive!r}; expected [<split>/]<class>/<image> files.")
+            pairs = {split_and_class(n) for n in names}
+            return sorted({p[0] for p in pairs}), sorted({p[1] for p in pairs})
+
+        def _info(self):
+            s, c = self._image_size, self._channels
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Tensor(shape=(s, s, c), dtype=np.uint8),
+                        "label": tfds.features.ClassLabel(names=self._classes),
+                    }
+                ),
+                supervised_keys=("image", "label"),
+            )
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {split: self._generate_examples(split) for split in self._splits}
+
+        def _generate_examples(self, split):
+            lookup = {c: i for i, c in enumerate(self._classes)}
+            for name, data in iter_image_files(self._archive):
+                file_split, cls = split_and_class(name)
+                if file_split == split:
+                    yield name, {"image": decode_image(data, self._image_size, self._channels), "label": lookup[cls]}
+
+    return ImageFolderArchive
+
+
+_BUILDER_CLASS = None
+
+
+def image_folder_builder(archive: str, *, image_size: int, channels: int = 3, data_dir: str | None = None):
+    """The (cached) :class:`ImageFolderArchive` builder for ``archive``."""
+    global _BUILDER_CLASS
+    if _BUILDER_CLASS is None:
+        _BUILDER_CLASS = _make_builder_class()
+    return _BUILDER_CLASS(
+        archive=archive, image_size=image_size, channels=channels, data_dir=data_dir, file_format="array_record"
+    )
+
+
+def image_folder_source(
+    archive: str, split: str, *, image_size: int, channels: int = 3, data_dir: str | None = None
+) -> Any:
+    """Random-access source of one split of a local image archive (prepared on first use)."""
+    builder = image_folder_builder(archive, image_size=image_size, channels=channels, data_dir=data_dir)
+    if not builder.is_prepared():
+        builder.download_and_prepare(file_format="array_record")
+    available = list(builder.info.splits.keys())
+    if split not in available:
+        raise ValueError(f"split {split!r} is not in {archive!r}; it has {available}.")
+    return builder.as_data_source(split=split), builder.info.features["label"].names

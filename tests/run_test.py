@@ -1,0 +1,271 @@
+"""End-to-end tests of training runs: resume after kill -9, corrupted checkpoints, NaN, validation,
+determinism, and the main job's smoke config (lateral_jax/run.py, experiments/main.py)."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from lateral_jax import checkpoint, run, train
+from lateral_jax.recurrence import LateralConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides) -> run.RunConfig:
+    base = run.RunConfig(
+        data=run.DataConfig(dataset="pathfinder", num_train=128, num_validation=64),
+        model=run.ModelConfig(
+            kind="lceicnn",
+            widths=(8,),
+            num_steps=2,
+            lateral=LateralConfig.stable(num_groups=4),
+            ei_mode="mixed_sign",
+            ei_weight=1e-3,
+        ),
+        optimizer=train.OptimizerConfig(name="adam", learning_rate=1e-2),
+        batch_size=32,
+        num_epochs=3.0,
+        log_every=2,
+        checkpoint_every=3,
+        progress=False,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def final_params(workdir: Path, config: run.RunConfig):
+    """The parameters of the newest checkpoint of a run, restored through the library."""
+    data = run.build_data(config.data, config.seed)
+    model = run.build_model(config.model, data.num_classes, data.input_shape)
+    tx = train.make_optimizer(config.optimizer)
+    mesh = train.make_mesh()
+    target = train.replicate(
+        train.init_state(model, tx, jax.random.key(99), np.zeros((1, *data.input_shape), np.float32)), mesh
+    )
+    step, state, data_state = checkpoint.Checkpointer(workdir / "checkpoints").restore(target)
+    return step, jax.device_get(state.params), data_state
+
+
+def test_same_seed_same_parameters(tmp_path):
+    config = tiny_config()
+    a = run.train_and_evaluate(config, tmp_path / "a")
+    b = run.train_and_evaluate(config, tmp_path / "b")
+    assert a["validation_accuracy"] == b["validation_accuracy"]
+    chex.assert_trees_all_equal(final_params(tmp_path / "a", config)[1], final_params(tmp_path / "b", config)[1])
+    assert (tmp_path / "a" / "final.json").exists() and (tmp_path / "a" / "metrics.jsonl").exists()
+    kinds = {json.loads(line)["kind"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()}
+    assert kinds == {"train", "eval"}
+
+
+KILL_SCRIPT = """
+import sys, dataclasses
+sys.path.insert(0, {root!r})
+from tests.run_test import tiny_config
+from lateral_jax import run
+config = dataclasses.replace(tiny_config(), num_epochs=12.0, checkpoint_every=4)
+run.train_and_evaluate(config, sys.argv[1])
+"""
+
+
+def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """SIGKILL a training process after its first checkpoint, rerun: final params equal (bitwise on CPU)
+    those of an uninterrupted run — the state and the data iterator's position are restored."""
+    script = tmp_path / "train_script.py"
+    script.write_text(KILL_SCRIPT.format(root=str(ROOT)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(killed_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    ckpt_dir = killed_dir / "checkpoints"
+    while time.time() < deadline and proc.poll() is None:
+        steps = [p for p in ckpt_dir.glob("*") if p.name.isdigit()] if ckpt_dir.exists() else []
+        if steps:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the training process finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = sorted(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit())
+    assert first and first[-1] < 48, f"killed after step {first}; the run has 48 steps"
+    for d in (killed_dir, clean_dir):  # resume the killed run; run a clean one
+        subprocess.run([sys.executable, str(script), str(d)], env=env, check=True, capture_output=True)
+    config = dataclasses.replace(tiny_config(), num_epochs=12.0)
+    step_k, params_k, data_k = final_params(killed_dir, config)
+    step_c, params_c, data_c = final_params(clean_dir, config)
+    assert step_k == step_c == 48
+    assert data_k == data_c
+    chex.assert_trees_all_equal(params_k, params_c)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+    script = tmp_path / "train_script.py"
+    script.write_text(
+        KILL_SCRIPT.format(root=str(ROOT)).replace(
+            "num_epochs=12.0, checkpoint_every=4", "num_epochs=400.0, checkpoint_every=100000"
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "w")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "w" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    steps = [int(p.name) for p in (tmp_path / "w" / "checkpoints").glob("*") if p.name.isdigit()]
+    assert len(steps) == 1 and 0 < steps[0] < 1600
+    assert "SIGTERM: checkpoint saved" in err
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    config = tiny_config()
+    run.train_and_evaluate(config, tmp_path)
+    ckpt_dir = tmp_path / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit())
+    assert steps[-2:] == [9, 12]
+    for f in (ckpt_dir / "12" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00corrupt")
+    with pytest.warns(RuntimeWarning, match="checkpoint at step 12 .* is unreadable .* falling back"):
+        step, _, data_state = final_params(tmp_path, config)
+    assert step == 9 and data_state
+    # and a rerun resumes from step 9 and finishes
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        result = run.train_and_evaluate(config, tmp_path)
+    assert result["steps"] == 12
+
+
+def test_nan_stops_with_an_error_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
+    config = tiny_config(inject_nan_step=7)
+    with pytest.raises(
+        train.NonFiniteLossError, match=r"non-finite loss or gradient at step 7 .* last good checkpoint is kept: step 6"
+    ):
+        run.train_and_evaluate(config, tmp_path)
+    step, params, _ = final_params(tmp_path, config)
+    assert step == 6
+    chex.assert_tree_all_finite(params)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"data": run.DataConfig(dataset="imagenet21k")}, "dataset='imagenet21k' is unknown"),
+        ({"model": run.ModelConfig(kind="vit")}, "model kind='vit' is unknown"),
+        ({"model": run.ModelConfig(ei_weight=-0.1)}, "ei_weight=-0.1 must be >= 0"),
+        ({"data": run.DataConfig(dataset="image_folder")}, "needs archive="),
+        (
+            {"data": run.DataConfig(dataset="image_folder", archive="/no/such/archive.tar.gz")},
+            "archive='/no/such/archive.tar.gz' does not exist",
+        ),
+        ({"model": run.ModelConfig(excitatory_fraction=1.2)}, "excitatory_fraction=1.2 is outside"),
+        ({"batch_size": 12}, "batch_size=12 is not divisible by the 8 devices"),
+    ],
+)
+def test_config_validation(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        run.train_and_evaluate(tiny_config(**overrides), tmp_path)
+
+
+def test_main_job_smoke_config_end_to_end(tmp_path):
+    """The README's main job, on its smoke config, in a subprocess: files a person can read."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.main",
+            "--config",
+            "experiments/configs/contour.py:smoke",
+            "--workdir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "report:" in out.stdout
+    report = (tmp_path / "report.md").read_text()
+    for model in ("fcnn", "lccnn", "lceicnn"):
+        final = json.loads((tmp_path / model / "final.json").read_text())
+        assert 0.0 <= final["validation_accuracy"] <= 1.0
+        assert f"| {model} |" in report
+        assert (tmp_path / model / "metrics.jsonl").stat().st_size > 0
+        assert any((tmp_path / model / "checkpoints").iterdir())
+    assert (tmp_path / "learning_curves.png").stat().st_size > 1000
+    assert "step/s" in out.stderr or "step" in out.stderr  # the progress bar
+
+
+@pytest.mark.parametrize("config_file", ["pathfinder", "mnist", "fashion_mnist"])
+def test_other_configs_smoke(tmp_path, config_file):
+    """Every dataset config's smoke variant trains (mnist/fashion_mnist on tfds mock data)."""
+    import tensorflow_datasets as tfds
+
+    from experiments import main as main_module
+    from experiments.configs import fashion_mnist, mnist, pathfinder
+
+    cfg = {"pathfinder": pathfinder, "mnist": mnist, "fashion_mnist": fashion_mnist}[config_file].get_config("smoke")
+    run_config = dataclasses.replace(main_module.to_run_config(cfg, "lceicnn"), progress=False)
+    with tfds.testing.mock_data(num_examples=300, policy=tfds.testing.MockPolicy.USE_CODE):
+        result = run.train_and_evaluate(run_config, tmp_path)
+    assert result["steps"] > 0 and 0 <= result["validation_accuracy"] <= 1
+
+
+def test_natural_images_smoke_on_a_generated_archive(tmp_path):
+    """The Natural Images config (Kaggle layout natural_images/<class>/<image>) on a generated zip."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from experiments import main as main_module
+    from experiments.configs import natural_images
+
+    archive = tmp_path / "natural-images.zip"
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(archive, "w") as zf:
+        for c in ["airplane", "car", "cat", "dog"]:
+            for i in range(20):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                zf.writestr(f"natural_images/{c}/{c}_{i:04d}.jpg", buf.getvalue())
+    cfg = natural_images.get_config("smoke")
+    cfg.data.archive = str(archive)
+    cfg.data.data_dir = str(tmp_path / "tfds")
+    run_config = dataclasses.replace(main_module.to_run_config(cfg, "lccnn"), progress=False)
+    result = run.train_and_evaluate(run_config, tmp_path / "run")
+    assert result["steps"] == 64 // 16 and 0 <= result["validation_accuracy"] <= 1
+
+
+def test_cifar10_smoke_on_the_shared_archive(tmp_path):
+    from experiments import main as main_module
+    from experiments.configs import cifar10
+
+    if not Path(cifar10.ARCHIVE).exists():
+        print(f"SKIP REASON: {cifar10.ARCHIVE} is absent (../shared/data beside the checkout)")
+        pytest.skip(f"{cifar10.ARCHIVE} is absent")
+    cfg = cifar10.get_config("smoke")
+    cfg.data.data_dir = str(tmp_path / "tfds")
+    run_config = dataclasses.replace(main_module.to_run_config(cfg, "lceicnn"), progress=False)
+    result = run.train_and_evaluate(run_config, tmp_path / "run")
+    assert result["steps"] == 510 // 64  # 512 requested; the stratified subset keeps 51 per class
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["dataset"] == "image_folder" and 0 <= final["validation_accuracy"] <= 1
