@@ -31,6 +31,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host, explicit).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host, explicit).")
 _NO_REPORT = flags.DEFINE_bool("no_report", False, "Skip report.md.")
+_ANALYZE = flags.DEFINE_bool("analyze", True, "Run experiments/analyze.py on the trained models (<workdir>/analysis).")
 
 
 def to_run_config(config: ConfigDict, variant: str):
@@ -94,6 +95,10 @@ def main(argv):
             print(f"preempted during {variant}; rerun the same command to resume.", flush=True)
             return
         print(f"{variant}: validation accuracy {result['validation_accuracy']:.4f}", flush=True)
+    if jax.process_index() == 0 and _ANALYZE.value:
+        from experiments import analyze
+
+        analyze.main([str(workdir / v) for v in variants] + ["--out", str(workdir / "analysis")])
     if jax.process_index() == 0 and not _NO_REPORT.value:
         path = report.write_report(workdir, variants, title=f"{config.data.dataset}: {', '.join(variants)}")
         print(f"report: {path}", flush=True)

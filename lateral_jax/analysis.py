@@ -239,9 +239,17 @@ def surround_modulation(centre: np.ndarray, iso: np.ndarray, ortho: np.ndarray) 
 # ------------------------------------------------------------------------------------------
 
 
-def lateral_strength(w_lat: np.ndarray) -> np.ndarray:
-    """Net lateral weight from channel i to channel j, ``S[i, j] = Σ_space W[:, :, i, j]`` (HWIO)."""
-    return np.asarray(w_lat, np.float64).sum(axis=(0, 1))
+def lateral_strength(w_lat: np.ndarray, *, part: str = "net") -> np.ndarray:
+    """Lateral weight from channel i to channel j summed over space (HWIO): ``S[i, j] = Σ W[:, :, i, j]``
+    (``part="net"``), or only its excitatory ``Σ relu(W)`` / inhibitory ``Σ relu(-W)`` part."""
+    w = np.asarray(w_lat, np.float64)
+    if part == "excitatory":
+        w = np.maximum(w, 0.0)
+    elif part == "inhibitory":
+        w = np.maximum(-w, 0.0)
+    elif part != "net":
+        raise ValueError(f"part={part!r} must be 'net', 'excitatory' or 'inhibitory'.")
+    return w.sum(axis=(0, 1))
 
 
 def afferent_similarity(w_ff: np.ndarray) -> np.ndarray:

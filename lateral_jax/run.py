@@ -414,3 +414,51 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path) -> dict[str, Any]
     if is_main:
         (workdir / "final.json").write_text(json.dumps(final, indent=2))
     return final
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a finished run
+# --------------------------------------------------------------------------------------------
+
+
+def load_run_config(workdir: str | Path) -> RunConfig:
+    """The ``RunConfig`` a run was trained with (from ``<workdir>/config.json``)."""
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: {workdir} is not a lateral_jax training run folder.")
+    raw = json.loads(path.read_text())
+    data = dict(raw["data"])
+    data["task"] = tuple(tuple(kv) for kv in data["task"])
+    model = dict(raw["model"])
+    model["widths"] = tuple(model["widths"])
+    model["lateral"] = LateralConfig(**model["lateral"])
+    rest = {k: v for k, v in raw.items() if k not in ("data", "model", "optimizer")}
+    return RunConfig(
+        data=DataConfig(**data), model=ModelConfig(**model), optimizer=train.OptimizerConfig(**raw["optimizer"]), **rest
+    )
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    config: RunConfig
+    data: Data
+    model: Any
+    params: Any
+    step: int
+
+
+def load_trained(workdir: str | Path) -> TrainedRun:
+    """Config, data, model and the newest readable checkpoint's parameters of a run."""
+    config = load_run_config(workdir)
+    data = build_data(config.data, config.seed)
+    model = build_model(config.model, data.num_classes, data.input_shape)
+    tx = train.make_optimizer(config.optimizer, ei_mode=config.model.ei_mode)
+    mesh = train.make_mesh()
+    target = train.replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, *data.input_shape))), mesh)
+    ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints")
+    restored = ckpt.restore(target)
+    ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"no readable checkpoint in {Path(workdir) / 'checkpoints'}; train the run first.")
+    step, state, _ = restored
+    return TrainedRun(config, data, model, jax.device_get(state.params), step)

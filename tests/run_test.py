@@ -211,7 +211,31 @@ def test_main_job_smoke_config_end_to_end(tmp_path):
         assert (tmp_path / model / "metrics.jsonl").stat().st_size > 0
         assert any((tmp_path / model / "checkpoints").iterdir())
     assert (tmp_path / "learning_curves.png").stat().st_size > 1000
-    assert "step/s" in out.stderr or "step" in out.stderr  # the progress bar
+    assert "step/s" in out.stderr  # the progress bar
+    # the neurophysiology analysis ran on the three checkpoints and the report links it
+    assert "analysis/analysis.md" in report
+    result = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    assert set(result["summary"]) == {"fcnn", "lccnn", "lceicnn"}
+    lc = result["results"]["lccnn"]["layers"]["lateral_0"]
+    assert set(lc) == {"activation", "orientation", "size_tuning", "surround", "connection"}
+    assert len(lc["activation"]) == 3  # loops t = 0, 1, 2 of the smoke config (T = 2)
+    assert len(lc["orientation"]["osi"]) == 8 and all(0 <= v <= 1 for v in lc["orientation"]["osi"] if v == v)
+    assert {"purity_mean", "fraction_excitatory", "balance", "radial_profile", "like_to_like"} <= set(lc["connection"])
+    assert "connection" not in result["results"]["fcnn"]["layers"]["lateral_0"]
+    for png in (
+        "metric_vs_loop",
+        "osi_hist",
+        "suppression_hist",
+        "tuning_curves",
+        "response_ccdf",
+        "lateral_kernels",
+        "purity_hist",
+        "like_to_like",
+        "radial_profiles",
+    ):
+        assert (tmp_path / "analysis" / f"{png}.png").stat().st_size > 1000, png
+    md = (tmp_path / "analysis" / "analysis.md").read_text()
+    assert "| lceicnn | lateral_1 |" in md and "Does each property hold?" in md
 
 
 @pytest.mark.parametrize("config_file", ["pathfinder", "mnist", "fashion_mnist"])
