@@ -169,6 +169,8 @@ def main(argv=None) -> None:
     p.add_argument("--scan-unroll", default="auto", help="'auto' or an int unroll factor for lax.scan")
     p.add_argument("--memory-only", action="store_true", help="compile and report XLA's memory plan; do not run")
     p.add_argument("--vs-torch", action="store_true", help="also run ../shared/bench/torch_peer.py and print ratios")
+    p.add_argument("--torch-peer", default=str(TORCH_PEER), help="path of torch_peer.py")
+    p.add_argument("--torch-batches", default=None, help="batch sizes to run the peer at (default: all)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file too")
     args = p.parse_args(argv)
     header = {
@@ -187,7 +189,8 @@ def main(argv=None) -> None:
                     row = run_config(batch, num_steps, mode, dtype, args.iters, args.memory_only, args)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-            if args.vs_torch and not args.memory_only:
+            torch_batches = None if args.torch_batches is None else set(map(int, args.torch_batches.split(",")))
+            if args.vs_torch and not args.memory_only and (torch_batches is None or batch in torch_batches):
                 device = "cuda" if jax.default_backend() == "gpu" else "cpu"
                 variants = (
                     [[]]
@@ -195,7 +198,7 @@ def main(argv=None) -> None:
                     else [[], ["--bf16", "--channels-last"], ["--compile", "--bf16", "--channels-last"]]
                 )
                 for extra in variants:
-                    t = run_torch(batch, num_steps, args.iters * 4, extra, device)
+                    t = run_torch(args.torch_peer, batch, num_steps, args.iters * 4, extra, device)
                     print(json.dumps(t), flush=True)
                     ours = [
                         r for r in rows if r["batch"] == batch and r["steps"] == num_steps and r.get("images_per_s")

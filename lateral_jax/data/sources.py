@@ -306,3 +306,36 @@ def image_folder_source(
     if split not in available:
         raise ValueError(f"split {split!r} is not in {archive!r}; it has {available}.")
     return builder.as_data_source(split=split), builder.info.features["label"].names
+
+
+def load_image_folder_arrays(
+    archive: str | os.PathLike,
+    *,
+    image_size: int | None = None,
+    split: str = "train",
+    cache: str | os.PathLike | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """All images of one split of an archive/folder as in-memory arrays, without tfds.
+
+    Returns ``(images uint8 [N, H, W, 3], labels int32 [N], class names)`` in file-name order;
+    ``cache`` (an ``.npz`` path) stores the decoded arrays for the next call.  For accelerators,
+    where the whole dataset lives on the device (:func:`lateral_jax.train.make_device_epoch`).
+    """
+    if cache is not None and Path(cache).exists():
+        with np.load(cache, allow_pickle=False) as z:
+            return z["images"], z["labels"], [str(c) for c in z["classes"]]
+    items = []
+    for name, data in iter_image_files(archive):
+        file_split, cls = split_and_class(name)
+        if file_split == split:
+            items.append((cls, decode_image(data, image_size)))
+    if not items:
+        raise ValueError(f"no images of split {split!r} in {str(archive)!r}.")
+    classes = sorted({c for c, _ in items})
+    lookup = {c: i for i, c in enumerate(classes)}
+    images = np.stack([img for _, img in items])
+    labels = np.array([lookup[c] for c, _ in items], np.int32)
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, images=images, labels=labels, classes=np.array(classes))
+    return images, labels, classes
