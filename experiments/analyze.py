@@ -68,8 +68,8 @@ def summarise(name: str, result: dict) -> dict:
             else None,
             "suppression_index_t0": L["size_tuning"]["per_loop"][0]["suppression_index"]["mean"],
             "suppression_index": L["size_tuning"]["per_loop"][-1]["suppression_index"]["mean"],
-            "iso_suppression": L["surround"]["iso_suppression"]["mean"],
-            "ortho_suppression": L["surround"]["ortho_suppression"]["mean"],
+            "iso_suppression": L["surround"]["iso_suppression"]["median"],
+            "ortho_suppression": L["surround"]["ortho_suppression"]["median"],
         }
         c = L.get("connection")
         if c:
@@ -140,18 +140,14 @@ def main(argv=None) -> None:
     p.add_argument("--num-images", type=int, default=512, help="validation images used for activation statistics")
     args = p.parse_args(argv)
 
-    import jax
-
-    from lateral_jax import ei, plots, probe, run
+    from lateral_jax import run
     from lateral_jax.data import pipeline
 
     folders = run_folders(args.runs)
     out = Path(args.out) if args.out else (folders[0].parent if len(folders) > 1 else folders[0]) / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
-    results, summaries, kernels, tails, samples = {}, {}, {}, {}, {}
+    entries = {}
     for folder in folders:
         trained = run.load_trained(folder)
-        name = folder.name
         batch = next(
             pipeline.eval_batches(
                 trained.data.validation,
@@ -159,37 +155,45 @@ def main(argv=None) -> None:
                 normalisation=trained.data.normalisation,
             )
         )
-        images = batch["image"][batch["label"] >= 0]
-        print(
-            f"analysing {name} (step {trained.step}) on {len(images)} validation images and grating stimuli...",
-            flush=True,
+        entries[folder.name] = (
+            trained.model,
+            trained.params,
+            batch["image"][batch["label"] >= 0],
+            trained.data.normalisation,
+            {"step": trained.step, "run": str(folder)},
         )
-        result = probe.measure(
-            trained.model, trained.params, natural_images=images, normalisation=trained.data.normalisation
-        )
-        result["model"], result["step"], result["run"] = trained.config.model.kind, trained.step, str(folder)
+    analyze_models(entries, out)
+
+
+def analyze_models(entries: dict, out: Path) -> Path:
+    """Probes every ``name → (model, params, natural images, normalisation, info)`` and writes
+    ``analysis.json``, the figures and ``analysis.md`` to ``out``."""
+    import jax
+
+    from lateral_jax import ei, plots, probe
+
+    out.mkdir(parents=True, exist_ok=True)
+    results, summaries, kernels, tails, samples = {}, {}, {}, {}, {}
+    for name, (model, params, images, normalisation, info) in entries.items():
+        print(f"analysing {name} on {len(images)} natural images and grating stimuli...", flush=True)
+        result = probe.measure(model, params, natural_images=images, normalisation=normalisation)
+        result.update(info)
         results[name] = result
         summaries[name] = summarise(name, result)
         kernels.update(
-            {
-                f"{name}{k}": np.asarray(v)
-                for k, v in ei.lateral_kernels(trained.params).items()
-                if np.asarray(v).ndim == 4
-            }
+            {f"{name}{k}": np.asarray(v) for k, v in ei.lateral_kernels(params).items() if np.asarray(v).ndim == 4}
         )
         last_layer = list(result["layers"])[-1]
-        states = probe.record_states(trained.model, trained.params, jax.numpy.asarray(images))[last_layer][-1]
-        samples[name] = states.ravel()
+        samples[name] = probe.record_states(model, params, jax.numpy.asarray(images))[last_layer][-1].ravel()
         ht = result["layers"][last_layer]["activation"][-1].get("heavy_tail")
         if ht:
             tails[name] = ht
+    first_layer = list(next(iter(results.values()))["layers"])[0]
     figures = {
         "metric_vs_loop.png": plots.metric_vs_loop(results, out / "metric_vs_loop.png"),
         "osi_hist.png": plots.histograms(results, out / "osi_hist.png", "osi"),
         "suppression_hist.png": plots.histograms(results, out / "suppression_hist.png", "suppression_index"),
-        "tuning_curves.png": plots.tuning_curves(
-            results, out / "tuning_curves.png", layer=list(next(iter(results.values()))["layers"])[0]
-        ),
+        "tuning_curves.png": plots.tuning_curves(results, out / "tuning_curves.png", layer=first_layer),
         "response_ccdf.png": plots.response_ccdf(samples, tails, out / "response_ccdf.png"),
     }
     if kernels:
@@ -199,11 +203,11 @@ def main(argv=None) -> None:
         figures["purity_hist.png"] = plots.histograms(results, out / "purity_hist.png", "purity")
         figures["like_to_like.png"] = plots.like_to_like(results, out / "like_to_like.png")
         figures["radial_profiles.png"] = plots.radial_profiles(results, out / "radial_profiles.png")
-    (out / "analysis.json").write_text(
-        json.dumps({"summary": summaries, "results": results, "biology": BIOLOGY}, indent=1, default=float)
-    )
+    payload = {"summary": summaries, "results": results, "biology": BIOLOGY}
+    (out / "analysis.json").write_text(json.dumps(payload, indent=1, default=float))
     write_markdown(out / "analysis.md", summaries, figures)
     print(f"analysis: {out / 'analysis.md'}", flush=True)
+    return out / "analysis.md"
 
 
 def write_markdown(path: Path, summaries: dict[str, dict], figures: dict[str, str]) -> None:
@@ -215,13 +219,13 @@ def write_markdown(path: Path, summaries: dict[str, dict], figures: dict[str, st
         ("osi", "OSI (median)", ".3f"),
         ("half_width_deg", "half-width (deg)", ".1f"),
         ("suppression_index", "suppression index", ".3f"),
-        ("iso_suppression", "iso-surround suppr.", ".3f"),
-        ("ortho_suppression", "ortho-surround suppr.", ".3f"),
+        ("iso_suppression", "iso-surround suppr. (median)", ".3f"),
+        ("ortho_suppression", "ortho-surround suppr. (median)", ".3f"),
         ("fraction_excitatory", "fraction E", ".2f"),
         ("purity", "E/I purity", ".3f"),
         ("rho_similarity", "like-to-like ρ", "+.3f"),
         ("co_orthogonal_ratio", "co/orth ratio", ".2f"),
-        ("mexican_hat", "Mexican hat", "s"),
+        ("mexican_hat", "Mexican hat (None: kernel too small to fit)", "s"),
     ]
     lines = [
         "# In-silico neurophysiology",

@@ -64,7 +64,15 @@ PROTOCOLS = {
     ),
     # The reduced CPU protocol of the issue: widths 32/64/128, 10,000-image subset, 10 epochs.
     "cpu": Protocol(
-        "cpu", (32, 64, 128), epochs=10, batch_size=128, learning_rate=0.05, dtype="float32", train_subset=10_000
+        "cpu",
+        (32, 64, 128),
+        epochs=10,
+        batch_size=128,
+        learning_rate=0.05,
+        dtype="float32",
+        train_subset=10_000,
+        synthetic_train=3072,
+        synthetic_epochs=5,
     ),
     # For tests.
     "smoke": Protocol(
@@ -85,8 +93,8 @@ PROTOCOLS = {
 def load_dataset(
     name: str, protocol: Protocol, *, split_seed: int = 0, cache_dir: Path | None = None, archive: Path = ARCHIVE
 ):
-    """(train images f32, train labels, val images, val labels, num classes), normalised, NHWC."""
-    from lateral_jax.data import sources, synthetic
+    """(train images f32, train labels, val images, val labels, num classes, normalisation), NHWC."""
+    from lateral_jax.data import pipeline, sources, synthetic
 
     if name == "cifar10":
         cache = cache_dir / "cifar10_arrays.npz" if cache_dir else None
@@ -100,17 +108,18 @@ def load_dataset(
         x = images.astype(np.float32) / 255.0
         mean, std = x[train_idx].mean(axis=(0, 1, 2)), x[train_idx].std(axis=(0, 1, 2))
         x = (x - mean) / std
-        return x[train_idx], labels[train_idx], x[val_idx], labels[val_idx], len(classes)
+        norm = pipeline.Normalisation(tuple(map(float, mean)), tuple(map(float, std)), 255.0)
+        return x[train_idx], labels[train_idx], x[val_idx], labels[val_idx], len(classes), norm
     train = synthetic.make_task(name, protocol.synthetic_train, seed=split_seed)
     val = synthetic.make_task(name, max(protocol.synthetic_train // 4, 64), seed=split_seed + 10_000)
-    return train["image"], train["label"], val["image"], val["label"], 2
+    return train["image"], train["label"], val["image"], val["label"], 2, pipeline.IDENTITY
 
 
 def build(variant: str, protocol: Protocol, dataset: str, num_classes: int, input_shape):
     from lateral_jax import run
     from lateral_jax.recurrence import LateralConfig
 
-    widths = protocol.widths if dataset == "cifar10" else tuple(min(w, 32) for w in protocol.widths[:3])
+    widths = protocol.widths if dataset == "cifar10" else (16, 32, 32)  # the main job's contour model
     overrides = dict(VARIANTS[variant])
     groups = 8 if min(widths) >= 8 and min(widths) % 8 == 0 else 4
     config = run.ModelConfig(
@@ -142,7 +151,7 @@ def run_one(dataset, variant, seed, protocol, arrays, compiled_cache, out_path: 
 
     from lateral_jax import train
 
-    x_tr, y_tr, x_va, y_va, num_classes = arrays
+    x_tr, y_tr, x_va, y_va, num_classes, _ = arrays
     key = (dataset, variant)
     if key not in compiled_cache:
         model, mconfig = build(variant, protocol, dataset, num_classes, x_tr.shape[1:])
@@ -197,7 +206,7 @@ def run_one(dataset, variant, seed, protocol, arrays, compiled_cache, out_path: 
         "diverged": diverged_epoch is not None,
         "diverged_epoch": diverged_epoch,
         "num_params": int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params))),
-        "forward_flops_per_image": forward_flops(model, params, x_tr.shape[1:]),
+        "xla_forward_flops_per_image": forward_flops(model, params, x_tr.shape[1:]),
         "final_loop_change": change,
         "wall_s": round(wall, 2),
         "device": jax.devices()[0].device_kind,
@@ -207,6 +216,54 @@ def run_one(dataset, variant, seed, protocol, arrays, compiled_cache, out_path: 
         flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
         np.savez(out_path.with_name(f"{out_path.stem}_{dataset}_{variant}.npz"), **flat)
     return row
+
+
+def analyze_saved(
+    params_dir: Path, dataset: str, protocol: Protocol, out: Path, *, archive: Path = ARCHIVE, num_images: int = 512
+) -> None:
+    """Neurophysiology of the saved seed-0 F-/LC-/LCEI-CNN parameters (``*_<dataset>_<variant>.npz``)."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import analyze
+
+    arrays = load_dataset(dataset, protocol, archive=archive)
+    x_va, normalisation, num_classes = arrays[2][:num_images], arrays[5], arrays[4]
+    entries = {}
+    for variant in SAVE_PARAMS:
+        files = sorted(params_dir.glob(f"*_{dataset}_{variant}.npz"))
+        if not files:
+            print(f"no saved params for {dataset}/{variant} in {params_dir}", flush=True)
+            continue
+        model, _ = build(variant, protocol, dataset, num_classes, x_va.shape[1:])
+        template = model.init(jax.random.key(0), jnp.zeros((1, *x_va.shape[1:])))["params"]
+        with np.load(files[0]) as z:
+            leaves = [
+                jnp.asarray(z[jax.tree_util.keystr(k)]) for k, _ in jax.tree_util.tree_flatten_with_path(template)[0]
+            ]
+        params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
+        entries[variant] = (
+            model,
+            params,
+            x_va,
+            normalisation,
+            {"params_file": files[0].name, "protocol": protocol.name},
+        )
+    analyze.analyze_models(entries, out)
+
+
+def analytic_forward_flops(row: dict) -> float:
+    """Forward FLOPs per image of a study row's model: afferent convs + T lateral convs per layer
+    (3×3 kernels, SAME, 2×2 pooling) + the head.  XLA's cost analysis is not used for the tables:
+    on GPU it omits the cuDNN convolution custom calls."""
+    size = 32
+    cin = 3 if row["dataset"] == "cifar10" else 1
+    steps = 0 if row["kind"] in ("fcnn", "fcnn_matched") else row["num_steps"]
+    flops = 0.0
+    for w in row["widths"]:
+        flops += 2 * 9 * cin * w * size * size + steps * 2 * 9 * w * w * size * size
+        cin, size = w, size // 2
+    return flops + 2 * cin * (10 if row["dataset"] == "cifar10" else 2)
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -223,7 +280,7 @@ def summarise(rows: list[dict]) -> dict:
             "n": len(accs),
             "diverged": sum(r["diverged"] for r in rs),
             "params": rs[0]["num_params"],
-            "flops": rs[0]["forward_flops_per_image"],
+            "flops": analytic_forward_flops(rs[0]),
             "purity": float(np.mean([r.get("ei/purity_mean", float("nan")) for r in rs])),
             "frac_e": float(np.mean([r.get("ei/fraction_excitatory", float("nan")) for r in rs])),
             "protocol": rs[0]["protocol"],
@@ -240,7 +297,8 @@ def tables(rows: list[dict]) -> str:
         lines += [
             f"### {dataset}",
             "",
-            "| model | val. accuracy (mean ± std) | seeds | diverged | parameters | forward MFLOP/image | E/I purity | fraction E | s/run |",
+            "| model | val. accuracy (mean ± std) | seeds | diverged | parameters | forward MFLOP/image "
+            "| E/I purity | fraction E | s/run |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for variant in VARIANTS:
@@ -251,9 +309,9 @@ def tables(rows: list[dict]) -> str:
             flops = "–" if s["flops"] is None else f"{s['flops'] / 1e6:.1f}"
             pur = "–" if math.isnan(s["purity"]) else f"{s['purity']:.3f}"
             fe = "–" if math.isnan(s["frac_e"]) else f"{s['frac_e']:.2f}"
-            lines.append(
-                f"| {variant} | {100 * s['mean']:.2f}{std} % | {s['n']} | {s['diverged']} | {s['params']:,} | {flops} | {pur} | {fe} | {s['wall_s']:.1f} |"
-            )
+            acc = f"{100 * s['mean']:.2f}{std} %"
+            cells = [variant, acc, s["n"], s["diverged"], f"{s['params']:,}", flops, pur, fe, f"{s['wall_s']:.1f}"]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
         first = next(iter(summary.values()))
         lines += ["", f"Protocol `{first['protocol']}` on {first['device']}.", ""]
     return "\n".join(lines)
@@ -269,12 +327,25 @@ def main(argv=None) -> None:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--archive", default=str(ARCHIVE), help="the CIFAR-10 JPEG archive")
     p.add_argument("--tables", default=None, help="only print the tables of this results file")
+    p.add_argument(
+        "--analyze", default=None, help="run the neurophysiology analysis on the saved seed-0 params (.npz folder)"
+    )
     args = p.parse_args(argv)
     if args.tables:
         rows = [json.loads(line) for line in Path(args.tables).read_text().splitlines() if line.strip()]
         print(tables(rows))
         return
     protocol = PROTOCOLS[args.protocol]
+    if args.analyze:
+        for dataset in args.datasets.split(","):
+            analyze_saved(
+                Path(args.analyze),
+                dataset,
+                protocol,
+                Path(args.out).with_name(f"analysis_{dataset}_{protocol.name}"),
+                archive=Path(args.archive),
+            )
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()

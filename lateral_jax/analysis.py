@@ -216,21 +216,35 @@ def _von_mises_half_width(curve: np.ndarray, theta: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------------
 
 
-def suppression_index(size_curves: np.ndarray) -> np.ndarray:
-    """``(R_peak - R_largest) / R_peak`` for ``size_curves[units, n_radii]`` (radii ascending)."""
+def _responsive(values: np.ndarray, min_fraction: float) -> np.ndarray:
+    """Units whose response exceeds ``min_fraction`` of the largest unit's (others are NaN)."""
+    top = np.nanmax(values) if values.size else 0.0
+    return values > max(min_fraction * top, 1e-12)
+
+
+def suppression_index(size_curves: np.ndarray, *, min_fraction: float = 0.01) -> np.ndarray:
+    """``(R_peak - R_largest) / R_peak`` for ``size_curves[units, n_radii]`` (radii ascending).
+
+    NaN for units whose peak is below ``min_fraction`` of the strongest unit's (not driven)."""
     r = np.maximum(np.asarray(size_curves, np.float64), 0.0)
     peak = r.max(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (peak - r[:, -1]) / peak
+        return np.where(_responsive(peak, min_fraction), (peak - r[:, -1]) / peak, np.nan)
 
 
-def surround_modulation(centre: np.ndarray, iso: np.ndarray, ortho: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-unit suppression by iso/ortho annuli: ``1 - R_surround / R_centre`` (> 0 suppresses)."""
+def surround_modulation(
+    centre: np.ndarray, iso: np.ndarray, ortho: np.ndarray, *, min_fraction: float = 0.1
+) -> dict[str, np.ndarray]:
+    """Per-unit suppression by iso/ortho annuli: ``1 - R_surround / R_centre`` (> 0 suppresses).
+
+    NaN for units whose centre response is below ``min_fraction`` of the strongest unit's: a ratio
+    to a near-zero centre response says nothing about the surround."""
     c = np.maximum(np.asarray(centre, np.float64), 0.0)
+    ok = _responsive(c, min_fraction)
     with np.errstate(invalid="ignore", divide="ignore"):
         return {
-            "iso_suppression": 1.0 - np.maximum(iso, 0.0) / c,
-            "ortho_suppression": 1.0 - np.maximum(ortho, 0.0) / c,
+            "iso_suppression": np.where(ok, 1.0 - np.maximum(iso, 0.0) / c, np.nan),
+            "ortho_suppression": np.where(ok, 1.0 - np.maximum(ortho, 0.0) / c, np.nan),
         }
 
 
@@ -335,9 +349,14 @@ def dog(r: np.ndarray, amp_e: float, sigma_e: float, amp_i: float, sigma_i: floa
     return amp_e * np.exp(-(r**2) / (2 * sigma_e**2)) - amp_i * np.exp(-(r**2) / (2 * sigma_i**2))
 
 
-def fit_dog(radii: np.ndarray, profile: np.ndarray) -> DoGFit:
-    """Least-squares DoG fit (both amplitudes ≥ 0); ``r_squared`` is the fraction of variance explained."""
+def fit_dog(radii: np.ndarray, profile: np.ndarray, *, min_points: int = 5) -> DoGFit:
+    """Least-squares DoG fit (both amplitudes ≥ 0); ``r_squared`` is the fraction of variance explained.
+
+    A profile with fewer than ``min_points`` distinct radii (a 3×3 kernel has 3) cannot constrain
+    the 4 parameters: the fit is then all-NaN and ``mexican_hat`` is False."""
     radii, profile = np.asarray(radii, np.float64), np.asarray(profile, np.float64)
+    if radii.size < min_points:
+        return DoGFit(float("nan"), float("nan"), float("nan"), float("nan"), float("nan"))
     scale = max(np.abs(profile).max(), 1e-12)
     y = profile / scale
     best = None

@@ -152,14 +152,8 @@ def like_to_like(results: dict[str, Any], path: Path) -> str:
             ll = r["layers"].get(layer, {}).get("connection", {}).get("like_to_like")
             if not ll:
                 continue
-            s, f = np.asarray(ll["strength"]), np.asarray(ll["similarity"])
-            mask = ~np.eye(s.shape[0], dtype=bool)
-            bins = np.linspace(-1, 1, 11)
-            idx = np.digitize(f[mask], bins)
-            means = [s[mask][idx == b].mean() if np.any(idx == b) else np.nan for b in range(1, len(bins))]
-            ax.plot(
-                0.5 * (bins[1:] + bins[:-1]), means, marker="o", label=f"{model} ρ={ll['rho_afferent_similarity']:.2f}"
-            )
+            means = [np.nan if m is None else m for m in ll["binned"]["mean_strength"]]
+            ax.plot(ll["binned"]["centres"], means, marker="o", label=f"{model} ρ={ll['rho_afferent_similarity']:.2f}")
         ax.set(title=layer, xlabel="afferent filter similarity", ylabel="mean lateral strength")
         ax.axhline(0, color="k", lw=0.5)
         ax.legend(fontsize=7)

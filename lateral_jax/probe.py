@@ -238,6 +238,20 @@ def _surround(
     }
 
 
+def _binned_strength(strength: np.ndarray, similarity: np.ndarray, num_bins: int = 10) -> dict[str, list]:
+    """Mean lateral strength of the off-diagonal pairs in equal-width afferent-similarity bins."""
+    mask = ~np.eye(strength.shape[0], dtype=bool)
+    s, f = strength[mask], similarity[mask]
+    edges = np.linspace(-1.0, 1.0, num_bins + 1)
+    idx = np.clip(np.digitize(f, edges) - 1, 0, num_bins - 1)
+    means = [float(s[idx == b].mean()) if np.any(idx == b) else None for b in range(num_bins)]
+    return {
+        "centres": (0.5 * (edges[1:] + edges[:-1])).tolist(),
+        "mean_strength": means,
+        "count": np.bincount(idx, minlength=num_bins).tolist(),
+    }
+
+
 def connection_statistics(w_lat: np.ndarray, w_ff: np.ndarray, preferred: np.ndarray) -> dict[str, Any]:
     """E/I diagnostics, like-to-like and the radial profile of one lateral kernel."""
     d = ei.diagnose(jnp.asarray(w_lat))
@@ -253,7 +267,7 @@ def connection_statistics(w_lat: np.ndarray, w_ff: np.ndarray, preferred: np.nda
         "radii": radii.tolist(),
         "profile": profile.tolist(),
         "dog": dataclasses.asdict(fit),
-        "mexican_hat": bool(fit.mexican_hat),
+        "mexican_hat": bool(fit.mexican_hat) if np.isfinite(fit.r_squared) else None,  # None: too few radii
     }
     if w_lat.shape[2] > 1 and w_lat.shape[2] == w_ff.shape[-1]:
         strength = analysis.lateral_strength(w_lat)
@@ -270,7 +284,6 @@ def connection_statistics(w_lat: np.ndarray, w_ff: np.ndarray, preferred: np.nda
                 analysis.lateral_strength(w_lat, part="excitatory"), dtheta
             ),
             "n_pairs": by_sim.n_pairs,
-            "strength": strength.tolist(),
-            "similarity": sim.tolist(),
+            "binned": _binned_strength(strength, sim),
         }
     return out

@@ -156,3 +156,10 @@ def test_stimuli_shapes_and_model_input_mapping():
     imgs, labels = stimuli.gabor_contours(8, seed=0)
     assert imgs.shape == (8, 32, 32) and labels.shape == (8,)
     assert jax.numpy.all(jnp.isfinite(imgs))
+
+
+def test_dog_fit_refuses_an_underdetermined_profile():
+    radii, prof = analysis.radial_profile(np.ones((3, 3, 2, 2)))
+    assert radii.size == 3
+    fit = analysis.fit_dog(radii, prof)
+    assert np.isnan(fit.sigma_e) and not fit.mexican_hat

@@ -123,15 +123,17 @@ def test_optimizer_config_errors(kwargs, match):
         train.OptimizerConfig(**kwargs)
 
 
-def test_device_epoch_equals_the_host_loop_over_the_same_batches():
-    """One jitted lax.scan epoch (8 devices) equals train_step applied batch by batch on the same
-    permutation and augmentation (atol 1e-5: only XLA fusion order differs)."""
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "loop"])
+def test_device_epoch_equals_the_host_loop_over_the_same_batches(scan):
+    """One device-resident epoch (8 devices; a jitted lax.scan, or the CPU loop over the jitted step)
+    equals train_step applied batch by batch on the same permutation and augmentation (atol 1e-5:
+    only XLA fusion order differs)."""
     model, tx, mesh, state, _ = setup(8)
     rng = np.random.default_rng(1)
     images = jnp.asarray(rng.standard_normal((40, 16, 16, 3)).astype(np.float32))
     labels = jnp.asarray(rng.integers(0, 10, 40).astype(np.int32))
     key = jax.random.key(3)
-    epoch = train.make_device_epoch(model, tx, mesh, batch_size=16, augment=True)
+    epoch = train.make_device_epoch(model, tx, mesh, batch_size=16, augment=True, scan=scan)
     ref_state = jax.tree_util.tree_map(jnp.copy, state)
     new_state, metrics = epoch(state, images, labels, key)
     assert metrics["loss"].shape == (2,)  # 40 // 16 steps, remainder dropped

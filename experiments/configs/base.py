@@ -45,7 +45,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(
         dict(
             dataset="contour",
-            num_train=6144,
+            num_train=4096,
             num_validation=1024,
             task={},
             archive="",
@@ -78,13 +78,13 @@ def get_base_config() -> ml_collections.ConfigDict:
             momentum=0.9,
             weight_decay=0.0,
             schedule="cosine",
-            warmup_steps=0,
+            warmup_steps=30,  # a short warm-up: without it LC-CNNs often stall at chance on the contour task
             grad_clip_norm=1.0,
         )
     )
     c.variants = standard_variants()
     c.models = ("fcnn", "lccnn", "lceicnn")
-    c.batch_size = 64
+    c.batch_size = 128
     c.num_epochs = 5.0
     c.seed = 0
     c.log_every = 20

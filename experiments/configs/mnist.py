@@ -23,4 +23,5 @@ def get_config(variant: str = ""):
         c.num_epochs = 1.0
         c.batch_size = 32
         c.log_every = 2
+        c.optimizer.warmup_steps = 0
     return c

@@ -30,4 +30,5 @@ def get_config(variant: str = ""):
         c.num_epochs = 1.0
         c.batch_size = 16
         c.log_every = 2
+        c.optimizer.warmup_steps = 0
     return c
