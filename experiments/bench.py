@@ -139,9 +139,9 @@ def run_config(batch: int, num_steps: int, grad_mode: str, dtype: str, iters: in
     return row
 
 
-def run_torch(peer: str, batch: int, num_steps: int, iters: int, extra: list[str], device: str) -> dict:
+def run_torch(python: str, peer: str, batch: int, num_steps: int, iters: int, extra: list[str], device: str) -> dict:
     cmd = [
-        sys.executable,
+        python,
         peer,
         "--batch",
         str(batch),
@@ -172,6 +172,7 @@ def main(argv=None) -> None:
     p.add_argument("--vs-torch", action="store_true", help="also run ../shared/bench/torch_peer.py and print ratios")
     p.add_argument("--torch-peer", default=str(TORCH_PEER), help="path of torch_peer.py")
     p.add_argument("--torch-batches", default=None, help="batch sizes to run the peer at (default: all)")
+    p.add_argument("--torch-python", default=sys.executable, help="python that has torch (default: this one)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file too")
     args = p.parse_args(argv)
     header = {
@@ -199,7 +200,7 @@ def main(argv=None) -> None:
                     else [[], ["--bf16", "--channels-last"], ["--compile", "--bf16", "--channels-last"]]
                 )
                 for extra in variants:
-                    t = run_torch(args.torch_peer, batch, num_steps, args.iters * 4, extra, device)
+                    t = run_torch(args.torch_python, args.torch_peer, batch, num_steps, args.iters * 4, extra, device)
                     print(json.dumps(t), flush=True)
                     ours = [
                         r for r in rows if r["batch"] == batch and r["steps"] == num_steps and r.get("images_per_s")

@@ -128,7 +128,7 @@ def response_ccdf(samples: dict[str, np.ndarray], fits: dict[str, dict], path: P
         line = ax.loglog(x, ccdf, label=model)[0]
         f = fits.get(model)
         if f:
-            tail_frac = f["n_tail"] / x.size
+            tail_frac = float(np.mean(x >= f["xmin"]))  # the fit used a subsample: rescale to these data
             xs = np.geomspace(f["xmin"], x.max(), 50)
             ax.loglog(xs, tail_frac * (xs / f["xmin"]) ** (1 - f["alpha"]), "--", color=line.get_color(), lw=1)
             s, mu = f["lognormal_sigma"], f["lognormal_mu"]
@@ -153,7 +153,8 @@ def like_to_like(results: dict[str, Any], path: Path) -> str:
             if not ll:
                 continue
             means = [np.nan if m is None else m for m in ll["binned"]["mean_strength"]]
-            ax.plot(ll["binned"]["centres"], means, marker="o", label=f"{model} ρ={ll['rho_afferent_similarity']:.2f}")
+            centres = [np.nan if c is None else c for c in ll["binned"]["centres"]]
+            ax.plot(centres, means, marker="o", label=f"{model} ρ={ll['rho_afferent_similarity']:.2f}")
         ax.set(title=layer, xlabel="afferent filter similarity", ylabel="mean lateral strength")
         ax.axhline(0, color="k", lw=0.5)
         ax.legend(fontsize=7)

@@ -239,10 +239,11 @@ def _surround(
 
 
 def _binned_strength(strength: np.ndarray, similarity: np.ndarray, num_bins: int = 10) -> dict[str, list]:
-    """Mean lateral strength of the off-diagonal pairs in equal-width afferent-similarity bins."""
+    """Mean lateral strength of the off-diagonal pairs in afferent-similarity quantile bins."""
     mask = ~np.eye(strength.shape[0], dtype=bool)
     s, f = strength[mask], similarity[mask]
-    edges = np.linspace(-1.0, 1.0, num_bins + 1)
+    edges = np.unique(np.quantile(f, np.linspace(0.0, 1.0, num_bins + 1)))
+    num_bins = len(edges) - 1
     idx = np.clip(np.digitize(f, edges) - 1, 0, num_bins - 1)
     means = [float(s[idx == b].mean()) if np.any(idx == b) else None for b in range(num_bins)]
     return {
