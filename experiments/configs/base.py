@@ -92,3 +92,28 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 0
     c.keep_checkpoints = 2
     return c
+
+
+def make_smoke(c: ml_collections.ConfigDict, *, batch_size: int = 32, **data) -> ml_collections.ConfigDict:
+    """The tiny `:smoke` variant of a config (CPU and CI): 2 stages of 8 channels, T = 2, 1 epoch."""
+    c.model.widths = (8, 8)
+    c.model.num_steps = 2
+    c.model.lateral.num_groups = 4
+    c.num_epochs = 1.0
+    c.batch_size = batch_size
+    c.log_every = 2
+    c.optimizer.warmup_steps = 0
+    c.data.update(data)
+    return c
+
+
+def tfds_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
+    """MNIST-like tfds datasets (28×28×1): two stages 32/64, Adam 1e-3, 10 epochs."""
+    c = get_base_config()
+    c.data.dataset = dataset
+    c.model.widths = (32, 64)
+    c.model.lateral.num_groups = 8
+    c.optimizer.update(dict(name="adam", learning_rate=1e-3))
+    c.batch_size = 128
+    c.num_epochs = 10.0
+    return make_smoke(c, train_subset=256) if variant == "smoke" else c

@@ -35,12 +35,5 @@ def get_config(variant: str = ""):
         c.batch_size = 256
         c.optimizer.learning_rate = 0.1
     elif variant == "smoke":
-        c.data.train_subset = 512
-        c.model.widths = (8, 8)
-        c.model.num_steps = 2
-        c.model.lateral.num_groups = 4
-        c.num_epochs = 1.0
-        c.batch_size = 64
-        c.log_every = 2
-        c.optimizer.warmup_steps = 0
+        base.make_smoke(c, batch_size=64, train_subset=512)
     return c

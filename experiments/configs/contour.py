@@ -14,11 +14,5 @@ def get_config(variant: str = ""):
     c = base.get_base_config()
     c.data.dataset = "contour"
     if variant == "smoke":
-        c.data.num_train, c.data.num_validation = 256, 128
-        c.model.widths = (8, 8)
-        c.model.num_steps = 2
-        c.num_epochs = 1.0
-        c.batch_size = 32
-        c.optimizer.warmup_steps = 0
-        c.log_every = 2
+        base.make_smoke(c, num_train=256, num_validation=128)
     return c

@@ -8,20 +8,4 @@ from experiments.configs import base
 
 
 def get_config(variant: str = ""):
-    c = base.get_base_config()
-    c.data.dataset = "fashion_mnist"
-    c.model.widths = (32, 64)
-    c.model.lateral.num_groups = 8
-    c.optimizer.update(dict(name="adam", learning_rate=1e-3))
-    c.batch_size = 128
-    c.num_epochs = 10.0
-    if variant == "smoke":
-        c.data.train_subset = 256
-        c.model.widths = (8, 8)
-        c.model.num_steps = 2
-        c.model.lateral.num_groups = 4
-        c.num_epochs = 1.0
-        c.batch_size = 32
-        c.log_every = 2
-        c.optimizer.warmup_steps = 0
-    return c
+    return base.tfds_config("fashion_mnist", variant)
