@@ -90,9 +90,6 @@ class LateralCNN(nn.Module):
     unshared: bool = False
     dtype: Any = jnp.float32
 
-    def layer_names(self) -> list[str]:
-        return [f"lateral_{i}" for i in range(len(self.widths))]
-
     @nn.compact
     def __call__(self, x: jax.Array, *, record: Record = False) -> ModelOutput:
         _check_widths(self.widths)
