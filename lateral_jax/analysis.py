@@ -338,10 +338,19 @@ class DoGFit:
     amp_i: float
     sigma_i: float
     r_squared: float
+    max_radius: float = float("inf")  # the largest distance the profile covers
 
     @property
     def mexican_hat(self) -> bool:
-        return self.amp_e > 0 and self.amp_i > 0 and self.sigma_e < self.sigma_i and self.r_squared > 0.5
+        """A positive centre (A_e > A_i > 0), a distinctly wider inhibitory surround
+        (1.2 σ_e ≤ σ_i ≤ the largest measured distance) and a fit explaining more than half of the
+        variance.  Near-cancelling DoGs (σ_i ≈ σ_e) and surrounds wider than the kernel (fitted to
+        a profile that merely declines through zero) do not count."""
+        return (
+            self.amp_e > self.amp_i > 0
+            and 1.2 * self.sigma_e <= self.sigma_i <= self.max_radius
+            and self.r_squared > 0.5
+        )
 
 
 def dog(r: np.ndarray, amp_e: float, sigma_e: float, amp_i: float, sigma_i: float) -> np.ndarray:
@@ -375,4 +384,4 @@ def fit_dog(radii: np.ndarray, profile: np.ndarray, *, min_points: int = 5) -> D
     p, resid = best
     total = np.sum((y - y.mean()) ** 2)
     r2 = 1.0 - resid / total if total > 0 else float("nan")
-    return DoGFit(float(p[0] * scale), float(p[1]), float(p[2] * scale), float(p[3]), float(r2))
+    return DoGFit(float(p[0] * scale), float(p[1]), float(p[2] * scale), float(p[3]), float(r2), float(radii.max()))

@@ -163,3 +163,10 @@ def test_dog_fit_refuses_an_underdetermined_profile():
     assert radii.size == 3
     fit = analysis.fit_dog(radii, prof)
     assert np.isnan(fit.sigma_e) and not fit.mexican_hat
+
+
+def test_a_monotone_profile_crossing_zero_is_not_a_mexican_hat():
+    """A near-cancelling DoG (σ_e ≈ σ_i) fits a profile that only decreases through zero; it must not count."""
+    radii = np.array([0.0, 1.0, np.sqrt(2), 2.0, np.sqrt(5), np.sqrt(8)])
+    fit = analysis.fit_dog(radii, 0.008 - 0.006 * radii)
+    assert not fit.mexican_hat
