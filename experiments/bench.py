@@ -76,7 +76,7 @@ def run_config(batch: int, num_steps: int, grad_mode: str, dtype: str, iters: in
     mesh = train.make_mesh(jax.devices()[:1])
     model = workload_model(
         num_steps,
-        "truncated" if grad_mode == "truncated" else grad_mode,
+        grad_mode,
         jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
         scan_unroll=args.scan_unroll if args.scan_unroll == "auto" else int(args.scan_unroll),
         truncate_steps=max(1, num_steps // 2) if grad_mode == "truncated" else None,

@@ -159,47 +159,58 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-def iter_image_files(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
-    """Yields ``(relative path, bytes)`` of every image in a folder, ``.tar(.gz)`` or ``.zip``."""
-    path = Path(path)
+def _archive_kind(path: Path) -> str:
+    """``"dir"``, ``"zip"`` or ``"tar"``; raises a clear error for anything else."""
     if not path.exists():
         raise FileNotFoundError(
             f"image archive or folder {str(path)!r} does not exist; check archive=... in the config."
         )
     if path.is_dir():
+        return "dir"
+    if zipfile.is_zipfile(path):
+        return "zip"
+    if tarfile.is_tarfile(path):
+        return "tar"
+    raise ValueError(f"{str(path)!r} is neither a folder nor a .tar/.tar.gz/.zip archive.")
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def iter_image_files(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
+    """Yields ``(relative path, bytes)`` of every image in a folder, ``.tar(.gz)`` or ``.zip``."""
+    path = Path(path)
+    kind = _archive_kind(path)
+    if kind == "dir":
         for file in sorted(path.rglob("*")):
-            if file.suffix.lower() in IMAGE_SUFFIXES:
+            if file.is_file() and _is_image(file.name):
                 yield file.relative_to(path).as_posix(), file.read_bytes()
-    elif zipfile.is_zipfile(path):
+    elif kind == "zip":
         with zipfile.ZipFile(path) as zf:
             for name in sorted(zf.namelist()):
-                if name.lower().endswith(IMAGE_SUFFIXES):
+                if _is_image(name):
                     yield name, zf.read(name)
-    elif tarfile.is_tarfile(path):
+    else:
         with tarfile.open(path) as tf:
             for member in tf:
-                if member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES):
+                if member.isfile() and _is_image(member.name):
                     yield member.name, tf.extractfile(member).read()
-    else:
-        raise ValueError(f"{str(path)!r} is neither a folder nor a .tar/.tar.gz/.zip archive.")
 
 
 def list_image_names(path: str | os.PathLike) -> list[str]:
     """Relative names of the images in a folder or archive, without reading the images."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"image archive or folder {str(path)!r} does not exist; check archive=... in the config."
-        )
-    if path.is_dir():
-        names = [p.relative_to(path).as_posix() for p in path.rglob("*")]
-    elif zipfile.is_zipfile(path):
+    kind = _archive_kind(path)
+    if kind == "dir":
+        names = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+    elif kind == "zip":
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
     else:
         with tarfile.open(path) as tf:
             names = [m.name for m in tf if m.isfile()]
-    return sorted(n for n in names if n.lower().endswith(IMAGE_SUFFIXES))
+    return sorted(n for n in names if _is_image(n))
 
 
 def split_and_class(relative_path: str) -> tuple[str, str]:
