@@ -203,25 +203,17 @@ def _surround(
     model, params, size, channels, normalisation, config, name, centre_radius, thetas, freqs, phases, best_f, pref_idx
 ):
     """Iso/ortho annulus modulation at each unit's preferred orientation and frequency (final loop)."""
+    per_condition = [
+        [
+            stimuli.centre_surround_stimuli(
+                size, centre_radius=centre_radius, gap=1.0, orientation=float(o), frequency=float(f), phases=phases
+            )
+            for o in thetas
+        ]
+        for f in freqs
+    ]
     stim = {
-        kind: jnp.stack(
-            [
-                jnp.stack(
-                    [
-                        stimuli.centre_surround_stimuli(
-                            size,
-                            centre_radius=centre_radius,
-                            gap=1.0,
-                            orientation=float(o),
-                            frequency=float(f),
-                            phases=phases,
-                        )[kind]
-                        for o in thetas
-                    ]
-                )
-                for f in freqs
-            ]
-        )
+        kind: jnp.stack([jnp.stack([c[kind] for c in row]) for row in per_condition])
         for kind in ("centre", "iso", "ortho")
     }  # [f, θ, φ, S, S]
     resp = {}
