@@ -1,0 +1,22 @@
+"""The study driver (experiments/study.py) on its smoke protocol: rows, resume, tables."""
+
+import json
+
+from experiments import study
+
+
+def test_study_smoke_resumes_and_tabulates(tmp_path, capsys):
+    out = tmp_path / "study.jsonl"
+    args = ["--protocol", "smoke", "--datasets", "contour", "--variants", "fcnn,lccnn_T4", "--out", str(out)]
+    study.main(args)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["variant"], r["seed"]) for r in rows] == [("fcnn", 0), ("lccnn_T4", 0), ("fcnn", 1), ("lccnn_T4", 1)]
+    assert all(0.0 <= r["val_accuracy"] <= 1.0 and not r["diverged"] for r in rows)
+    assert rows[0]["num_params"] < rows[1]["num_params"]
+    assert study.analytic_forward_flops(rows[1]) > study.analytic_forward_flops(rows[0])
+    assert (tmp_path / "study_contour_lccnn_T4.npz").exists()  # seed-0 params saved for analysis
+    study.main(args)  # finished runs are skipped
+    assert len(out.read_text().splitlines()) == 4
+    study.main(["--tables", str(out)])
+    table = capsys.readouterr().out
+    assert "| fcnn |" in table and "| lccnn_T4 |" in table and "Protocol `smoke`" in table
