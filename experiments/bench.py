@@ -35,13 +35,15 @@ PEAK_TFLOPS = {"H100": {"float32": 494.0, "bfloat16": 989.0}, "H200": {"float32"
 TORCH_PEER = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "torch_peer.py"
 
 
-def workload_model(num_steps: int, grad_mode: str, dtype, scan_unroll="auto", truncate_steps=None) -> models.LateralCNN:
+def workload_model(
+    num_steps: int, grad_mode: str, dtype, scan_unroll="auto", truncate_steps=None, conv_algorithm="auto"
+) -> models.LateralCNN:
     """The reference LC-CNN: 3 stages 64/128/256, raw lateral layer (no norm), mixed-sign E/I 1e-3."""
     return models.LateralCNN(
         widths=WIDTHS,
         num_classes=10,
         num_steps=num_steps,
-        lateral=LateralConfig.paper(lateral_init_scale=0.0),
+        lateral=LateralConfig.paper(lateral_init_scale=0.0, conv_algorithm=conv_algorithm),
         grad_mode=grad_mode,
         truncate_steps=truncate_steps,
         implicit_tol=1e-4,
@@ -72,7 +74,9 @@ def device_peak_tflops(dtype: str) -> float | None:
     return None
 
 
-def run_config(batch: int, num_steps: int, grad_mode: str, dtype: str, iters: int, memory_only: bool, args) -> dict:
+def run_config(
+    batch: int, num_steps: int, grad_mode: str, dtype: str, iters: int, memory_only: bool, args, conv_algorithm="auto"
+) -> dict:
     mesh = train.make_mesh(jax.devices()[:1])
     model = workload_model(
         num_steps,
@@ -80,6 +84,7 @@ def run_config(batch: int, num_steps: int, grad_mode: str, dtype: str, iters: in
         jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
         scan_unroll=args.scan_unroll if args.scan_unroll == "auto" else int(args.scan_unroll),
         truncate_steps=max(1, num_steps // 2) if grad_mode == "truncated" else None,
+        conv_algorithm=conv_algorithm,
     )
     tx = train.make_optimizer(
         train.OptimizerConfig(
@@ -110,6 +115,7 @@ def run_config(batch: int, num_steps: int, grad_mode: str, dtype: str, iters: in
         "steps": num_steps,
         "grad_mode": grad_mode,
         "dtype": dtype,
+        "conv_algorithm": conv_algorithm,
         "compile_s": round(compile_s, 2),
         "xla_peak_mib": None if xla_peak is None else round(xla_peak / 2**20, 1),
         "xla_temp_mib": None if mem is None else round(mem.temp_size_in_bytes / 2**20, 1),
@@ -168,6 +174,11 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--scan-unroll", default="auto", help="'auto' or an int unroll factor for lax.scan")
+    p.add_argument(
+        "--conv-algorithm",
+        default="auto",
+        help="comma-separated LateralConfig.conv_algorithm values: auto,xla,winograd",
+    )
     p.add_argument("--memory-only", action="store_true", help="compile and report XLA's memory plan; do not run")
     p.add_argument("--vs-torch", action="store_true", help="also run ../shared/bench/torch_peer.py and print ratios")
     p.add_argument("--torch-peer", default=str(TORCH_PEER), help="path of torch_peer.py")
@@ -188,9 +199,10 @@ def main(argv=None) -> None:
         for num_steps in map(int, args.steps.split(",")):
             for dtype in args.dtype.split(","):
                 for mode in args.grad_modes.split(","):
-                    row = run_config(batch, num_steps, mode, dtype, args.iters, args.memory_only, args)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    for algorithm in args.conv_algorithm.split(","):
+                        row = run_config(batch, num_steps, mode, dtype, args.iters, args.memory_only, args, algorithm)
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
             torch_batches = None if args.torch_batches is None else set(map(int, args.torch_batches.split(",")))
             if args.vs_torch and not args.memory_only and (torch_batches is None or batch in torch_batches):
                 device = "cuda" if jax.default_backend() == "gpu" else "cpu"
@@ -209,7 +221,7 @@ def main(argv=None) -> None:
                         for r in ours:
                             ratio = {
                                 "ratio_vs": t["impl"] + ("-bf16" if t.get("bf16") else ""),
-                                "ours": f"{r['dtype']}/{r['grad_mode']}",
+                                "ours": f"{r['dtype']}/{r['grad_mode']}/{r['conv_algorithm']}",
                                 "batch": batch,
                                 "steps": num_steps,
                                 "ratio": round(r["images_per_s"] / t["images_per_s"], 3),

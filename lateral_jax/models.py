@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lateral_jax import ei, recurrence
+from lateral_jax import ei, pooling, recurrence
 from lateral_jax.layers import LateralConv, LateralRecurrence
 from lateral_jax.recurrence import LateralConfig
 
@@ -120,7 +120,7 @@ class LateralCNN(nn.Module):
             if out.states is not None:
                 states[name] = out.states
             residuals[name] = out.residual
-            h = nn.max_pool(out.final, (2, 2), strides=(2, 2))
+            h = pooling.max_pool(out.final, 2)
         h = h.mean(axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(h).astype(jnp.float32)
         return ModelOutput(logits, states, residuals)

@@ -1,0 +1,61 @@
+"""Non-overlapping max-pooling with an elementwise gradient.
+
+``flax.linen.max_pool`` lowers to ``reduce_window`` whose gradient is XLA's ``select_and_scatter``;
+on CPU that backward pass is several times slower than the forward pass (measured: 128 ms vs 2 ms
+for a 128×32×32×64 batch).  For the non-overlapping windows of a CNN (window = stride, no
+padding) the same gradient is a mask: each window's cotangent goes to the *first* position (in
+row-major window order) that attains the maximum, exactly as ``select_and_scatter`` does, so
+this is a drop-in replacement with identical values and gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+
+def _windows(x: jax.Array, size: int) -> jax.Array:
+    """``[b, h, w, c]`` → ``[b, h/size, size, w/size, size, c]`` (a free reshape)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // size, size, w // size, size, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _pool(x: jax.Array, size: int) -> jax.Array:
+    return jnp.max(_windows(x, size), axis=(2, 4))
+
+
+def _pool_fwd(x, size):
+    y = _pool(x, size)
+    return y, (x, y)
+
+
+def _pool_bwd(size, residuals, g):
+    x, y = residuals
+    z = _windows(x, size)
+    position = (size * jnp.arange(size)[:, None, None] + jnp.arange(size)[None, None, :]).reshape(
+        1, 1, size, 1, size, 1
+    )  # row-major index of each element inside its window
+    hit = z == y[:, :, None, :, None]
+    first = jnp.min(jnp.where(hit, position, size * size), axis=(2, 4), keepdims=True)  # first maximum
+    dz = jnp.where(position == first, g[:, :, None, :, None], jnp.zeros((), g.dtype))
+    return (dz.reshape(x.shape),)
+
+
+_pool.defvjp(_pool_fwd, _pool_bwd)
+
+
+def max_pool(x: Float[Array, "b h w c"], size: int = 2) -> Float[Array, "b h/size w/size c"]:
+    """``size``×``size`` max-pooling with stride ``size`` (VALID: trailing rows/columns are dropped).
+
+    Equal in value and gradient to ``flax.linen.max_pool(x, (size, size), strides=(size, size))``.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"max_pool needs an NHWC batch; got shape {tuple(x.shape)}.")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size={size!r} must be a positive int.")
+    h, w = (x.shape[1] // size) * size, (x.shape[2] // size) * size
+    return _pool(x[:, :h, :w], size)
