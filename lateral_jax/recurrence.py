@@ -414,15 +414,16 @@ def relative_change(new: jax.Array, old: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 
 
-def default_scan_unroll(num_steps: int) -> int | bool:
+def default_scan_unroll(num_steps: int, *, xla_conv_in_loop: bool = True) -> int | bool:
     """The unroll factor ``"auto"`` picks for :func:`jax.lax.scan`.
 
-    On CPU the gradient of a convolution inside a rolled ``lax.scan`` takes a pathological XLA
-    path (jax-ml/jax#12868, >60× slower), so the loop is fully unrolled there.  On GPU/TPU a
-    fully unrolled loop was faster in our H200 probe for short loops; long loops stay rolled to
-    bound compile time.
+    On CPU the gradient of an XLA convolution inside a rolled ``lax.scan`` takes a pathological
+    XLA path (jax-ml/jax#12868, >60× slower), so such loops are fully unrolled there.  The
+    Winograd path (``conv_algorithm``) has no convolution op, so its loops follow the GPU/TPU
+    rule: fully unrolled for short loops (faster in our H200 probe), rolled for T > 16 to bound
+    compile time and memory (on CPU at T = 64 an unrolled loop's buffer plan was 2.4× larger).
     """
-    if jax.default_backend() == "cpu" or num_steps <= 16:
+    if (jax.default_backend() == "cpu" and xla_conv_in_loop) or num_steps <= 16:
         return True
     return 1
 
@@ -448,7 +449,7 @@ def remat_segment_length(num_steps: int) -> int:
     return max(1, round(math.sqrt(num_steps)))
 
 
-def _scan_steps_remat(step_fn, a0: jax.Array, num_steps: int, *, return_states: bool, scan_unroll):
+def _scan_steps_remat(step_fn, a0: jax.Array, num_steps: int, *, return_states: bool, scan_unroll, outer_unroll):
     """√T checkpointing: an outer scan over segments of S = round(√T) loops, each segment wrapped
     in ``jax.checkpoint``.  The backward pass stores the T/S segment inputs and recomputes one
     segment (S states) at a time: O(√T) states in memory for about one extra forward pass."""
@@ -465,9 +466,7 @@ def _scan_steps_remat(step_fn, a0: jax.Array, num_steps: int, *, return_states: 
     def outer(carry, _):
         return run_seg(carry[0])
 
-    # The outer loop stays rolled: unrolled, XLA may schedule the recomputation next to the forward
-    # pass and keep every state alive (measured on CPU: remat = full = 7.3 GB at T=64).
-    (final, before), ys = _scan(outer, (a0, a0), None, n_seg, 1)
+    (final, before), ys = _scan(outer, (a0, a0), None, n_seg, outer_unroll)
     if return_states:
         ys = ys.reshape((n_seg * seg, *ys.shape[2:]))
     if rem:
@@ -486,13 +485,19 @@ def _run_loops(
     return_states: bool,
     scan_unroll,
     remat: bool = False,
+    remat_outer_unroll: int | bool = 1,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     """Runs ``num_steps`` loops from ``a0``; returns (final, states a(0..T) or None, a(T-1))."""
     if num_steps == 0:
         return a0, (a0[None] if return_states else None), a0
     if remat:
         (final, before), ys = _scan_steps_remat(
-            step_fn, a0, num_steps, return_states=return_states, scan_unroll=scan_unroll
+            step_fn,
+            a0,
+            num_steps,
+            return_states=return_states,
+            scan_unroll=scan_unroll,
+            outer_unroll=remat_outer_unroll,
         )
     else:
         (final, before), ys = _scan_steps(
@@ -547,6 +552,16 @@ def recur(
 
     a0 = initial_state(params, drive, config)
     step_fn = functools.partial(lateral_step, params=params, drive=drive, config=config)
+    remat_outer_unroll = scan_unroll
+    if scan_unroll == "auto":
+        kernels = [params.w_lat] + ([] if params.w_inh is None else [params.w_inh])
+        depthwise = config.mixing == "depthwise"
+        winograd_loop = all(use_winograd(drive, k, config.conv_algorithm, depthwise=depthwise) for k in kernels)
+        scan_unroll = default_scan_unroll(num_steps, xla_conv_in_loop=not winograd_loop)
+        # remat's outer loop over segments stays rolled: unrolled, XLA:CPU schedules the recomputation
+        # next to the forward pass and keeps every state alive (measured: remat = full = 7.3 GB at T=64).
+        # The exception is an XLA convolution on CPU, where a rolled loop is >60× slower (jax#12868).
+        remat_outer_unroll = True if (jax.default_backend() == "cpu" and not winograd_loop) else 1
 
     if grad_mode == "truncated":
         if isinstance(truncate_steps, bool) or not isinstance(truncate_steps, int) or truncate_steps < 1:
@@ -573,7 +588,14 @@ def recur(
         raise ValueError(f"truncate_steps={truncate_steps!r} is only used with grad_mode='truncated'.")
 
     final, states, before = _run_loops(
-        step_fn, a0, None, num_steps, return_states=return_states, scan_unroll=scan_unroll, remat=grad_mode == "remat"
+        step_fn,
+        a0,
+        None,
+        num_steps,
+        return_states=return_states,
+        scan_unroll=scan_unroll,
+        remat=grad_mode == "remat",
+        remat_outer_unroll=remat_outer_unroll,
     )
     return Unrolled(final, states, relative_change(final, before))
 

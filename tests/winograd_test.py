@@ -178,3 +178,10 @@ def test_max_pool_rejects_bad_input():
         pooling.max_pool(jnp.zeros((4, 4)))
     with pytest.raises(ValueError, match="size=0 must be a positive int"):
         pooling.max_pool(jnp.zeros((1, 4, 4, 1)), 0)
+
+
+def test_auto_unroll_policy_follows_the_convolution_path():
+    """XLA convolutions in a CPU loop are fully unrolled (jax#12868); Winograd loops roll for T > 16."""
+    assert recurrence.default_scan_unroll(64) is True  # the tests run on CPU
+    assert recurrence.default_scan_unroll(16, xla_conv_in_loop=False) is True
+    assert recurrence.default_scan_unroll(64, xla_conv_in_loop=False) == 1
