@@ -28,6 +28,10 @@ make it fast on XLA:CPU, where large elementwise passes are memory-bound:
   the cotangent with the flipped, transposed kernel, and ``∂w = Gᵀ (Σ_tiles Vᵀ · A ∂Y Aᵀ) G`` is
   accumulated chunk by chunk in the transformed domain, both in one pass over the batch.
 
+``conv3x3(..., tile=4)`` is F(4×4, 3×3) (Lavin's 6×6 transforms): 36 multiply-adds per 16 outputs
+(4× fewer than direct) but about 10× the float32 rounding error; on our 2-core CPU the whole
+train step was no faster than with F(2×2), so the library uses ``tile=2``.
+
 Forward-mode differentiation (``jax.jvp``) is not defined for a ``custom_vjp`` function; use
 ``LateralConfig(conv_algorithm="xla")`` for that.
 """
