@@ -429,7 +429,19 @@ def default_scan_unroll(num_steps: int, *, xla_conv_in_loop: bool = True) -> int
 
 
 def _scan(body, init, xs, length: int, scan_unroll: int | bool | Literal["auto"]):
+    """``lax.scan``, except that a full unroll is a Python loop (the same values, stacked).
+
+    ``lax.scan(..., unroll=True)`` still emits a one-trip ``while`` loop when ``length`` is 1 (and
+    wraps every unrolled body in one), and XLA:CPU takes jax#12868's slow path for a convolution's
+    gradient inside *any* ``while`` loop: an LC-CNN at T = 1 trained ~20× slower than at T = 2.
+    """
     unroll_factor = default_scan_unroll(length) if scan_unroll == "auto" else scan_unroll
+    if unroll_factor is True or (not isinstance(unroll_factor, bool) and unroll_factor >= length):
+        carry, ys = init, []
+        for i in range(length):
+            carry, y = body(carry, None if xs is None else jax.tree_util.tree_map(lambda a, i=i: a[i], xs))
+            ys.append(y)
+        return carry, jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *ys)
     return jax.lax.scan(body, init, xs, length=length, unroll=unroll_factor)
 
 
