@@ -327,13 +327,18 @@ def main(argv=None) -> None:
     p.add_argument("--time-budget-s", type=float, default=float("inf"))
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--archive", default=str(ARCHIVE), help="the CIFAR-10 JPEG archive")
-    p.add_argument("--tables", default=None, help="only print the tables of this results file")
+    p.add_argument("--tables", default=None, help="only print the tables of these (comma-separated) results files")
     p.add_argument(
         "--analyze", default=None, help="run the neurophysiology analysis on the saved seed-0 params (.npz folder)"
     )
     args = p.parse_args(argv)
     if args.tables:
-        rows = [json.loads(line) for line in Path(args.tables).read_text().splitlines() if line.strip()]
+        rows = [
+            json.loads(line)
+            for path in args.tables.split(",")
+            for line in Path(path).read_text().splitlines()
+            if line.strip()
+        ]
         print(tables(rows))
         return
     protocol = PROTOCOLS[args.protocol]

@@ -20,3 +20,8 @@ def test_study_smoke_resumes_and_tabulates(tmp_path, capsys):
     study.main(["--tables", str(out)])
     table = capsys.readouterr().out
     assert "| fcnn |" in table and "| lccnn_T4 |" in table and "Protocol `smoke`" in table
+    lines = out.read_text().splitlines()  # several files: their rows are pooled
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(lines[2:]) + "\n")
+    study.main(["--tables", f"{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}"])
+    assert capsys.readouterr().out == table
