@@ -14,7 +14,7 @@ def test_study_smoke_resumes_and_tabulates(tmp_path, capsys):
     assert all(0.0 <= r["val_accuracy"] <= 1.0 and not r["diverged"] for r in rows)
     assert rows[0]["num_params"] < rows[1]["num_params"]
     assert study.analytic_forward_flops(rows[1]) > study.analytic_forward_flops(rows[0])
-    assert (tmp_path / "study_contour_lccnn_T4.npz").exists()  # seed-0 params saved for analysis
+    assert (tmp_path / "study_contour_fcnn.npz").exists()  # seed-0 params saved for analysis
     study.main(args)  # finished runs are skipped
     assert len(out.read_text().splitlines()) == 4
     capsys.readouterr()
