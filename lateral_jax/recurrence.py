@@ -294,7 +294,7 @@ def conv(
     ``algorithm`` as in :attr:`LateralConfig.conv_algorithm`; ``"xla"`` is the reference.
     """
     if use_winograd(x, w, algorithm, depthwise=depthwise):
-        return winograd.conv3x3(x, w.astype(x.dtype), tile=WINOGRAD_TILE)
+        return winograd.conv3x3(x, w, tile=WINOGRAD_TILE)
     return jax.lax.conv_general_dilated(
         x,
         w.astype(x.dtype),

@@ -171,12 +171,18 @@ def _chunked(x: jax.Array, size: int) -> jax.Array:
     return x.reshape(x.shape[0] // size, size, *x.shape[1:])
 
 
+def _conv_chunk(xc: jax.Array, u: jax.Array, m: int) -> jax.Array:
+    """One chunk's convolution with the transformed kernel ``u``: ``Aᵀ [ (Bᵀ D B) U ] A``."""
+    b, h, w, _ = xc.shape
+    return transform_output(_batched_matmul(transform_input(xc, m), u), b, h, w, m)
+
+
 def _forward(x: jax.Array, u: jax.Array, m: int) -> jax.Array:
     b, h, w, c = x.shape
     size = chunk_size(b, h, w, max(c, u.shape[-1]))
 
     def body(_, xc):
-        return None, transform_output(_batched_matmul(transform_input(xc, m), u), size, h, w, m)
+        return None, _conv_chunk(xc, u, m)
 
     _, y = jax.lax.scan(body, None, _chunked(x, size))
     return y.reshape(b, h, w, u.shape[-1])
@@ -203,8 +209,7 @@ def _conv_tiled_bwd(m, residuals, dy):
         du = du + jax.lax.dot_general(
             transform_input(xc, m), transform_output_transpose(dyc, m), (((1,), (1,)), ((0,), (0,)))
         )
-        dxc = transform_output(_batched_matmul(transform_input(dyc, m), u_adjoint), size, h, wd, m)
-        return du, dxc
+        return du, _conv_chunk(dyc, u_adjoint, m)
 
     du0 = jnp.zeros(((m + 2) ** 2, c, co), dy.dtype)
     du, dx = jax.lax.scan(body, du0, (_chunked(x, size), _chunked(dy, size)))
