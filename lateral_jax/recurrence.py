@@ -21,7 +21,9 @@ step with :func:`jax.lax.scan` and offers four ways to differentiate through the
 * ``"remat"``: the same gradient with √T checkpointing: the loop is cut into segments of
   ``round(√T)`` loops under ``jax.checkpoint``; the backward pass keeps the segment inputs and
   recomputes one segment at a time, so O(√T) states are stored instead of O(T) (per-step
-  checkpointing would save nothing here: a step's only residual *is* its input state).
+  checkpointing would save nothing here: a step's only residual *is* its input state).  The
+  batch is also cut into about √T chunks whose loops are recomputed one chunk at a time, so the
+  stored states come to about two full-batch states at any T (one more forward pass).
 * ``"truncated"``: gradients flow through the last ``truncate_steps`` loops only; ``a(T-K)`` is
   treated as a constant.
 * ``"implicit"``: iterate to a fixed point ``a* = f(N_l(d + L(a*)))`` and differentiate it with the
@@ -488,6 +490,51 @@ def _scan_steps_remat(step_fn, a0: jax.Array, num_steps: int, *, return_states: 
     return (final, before), ys
 
 
+def default_remat_batch_chunks(batch: int, num_steps: int) -> int:
+    """Batch chunks ``"remat"`` mode uses by default: the largest divisor of ``batch`` ≤ round(√T).
+
+    Chunking the batch divides the per-loop state memory by the chunk count; with √T chunks the
+    √T-checkpointed loop keeps about 2 full-batch states in memory at any T.
+    """
+    target = remat_segment_length(num_steps)
+    return max(n for n in range(1, min(batch, target) + 1) if batch % n == 0)
+
+
+def _map_batch_chunks(fn, x: jax.Array, num_chunks: int, *, rolled: bool):
+    """``fn`` applied to ``num_chunks`` equal slices of ``x``'s batch axis; outputs reassembled.
+
+    Example ``i`` goes to chunk ``i mod num_chunks``, so a batch sharded in contiguous blocks over
+    devices stays sharded the same way inside every chunk (no cross-device shuffle).  ``fn``
+    returns ``(final, states | None, before)``; ``states`` has its batch on axis 1.
+    """
+    batch = x.shape[0]
+    chunked = jnp.moveaxis(x.reshape(batch // num_chunks, num_chunks, *x.shape[1:]), 1, 0)
+    if rolled:
+        final, states, before = jax.lax.map(fn, chunked)
+    else:
+        outs = [fn(chunked[i]) for i in range(num_chunks)]
+        final, states, before = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *outs)
+
+    def unchunk(y, axis):  # [n, ..., b/n (at 1 + axis), ...] -> [..., b, ...]
+        y = jnp.moveaxis(y, 0, axis + 1)
+        return y.reshape(*y.shape[:axis], batch, *y.shape[axis + 2 :])
+
+    return unchunk(final, 0), (None if states is None else unchunk(states, 1)), unchunk(before, 0)
+
+
+def _check_remat_batch_chunks(value: object, batch: int, num_steps: int, slow_rolled_conv: bool) -> int:
+    """Resolves ``remat_batch_chunks``: ``"auto"`` or a positive int that divides the batch."""
+    if value == "auto":
+        # With XLA convolutions on CPU the chunk loop must be unrolled (jax#12868), and unrolled
+        # chunks are not recomputed one at a time; chunking would only add a forward pass there.
+        return 1 if slow_rolled_conv else default_remat_batch_chunks(batch, num_steps)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or batch % value:
+        raise ValueError(
+            f"remat_batch_chunks={value!r} must be 'auto' or a positive int that divides the batch size {batch}."
+        )
+    return value
+
+
 def _run_loops(
     step_fn,
     a0: jax.Array,
@@ -531,6 +578,7 @@ def recur(
     implicit_max_steps: int = 100,
     return_states: bool = True,
     scan_unroll: int | bool | Literal["auto"] = "auto",
+    remat_batch_chunks: int | Literal["auto"] = "auto",
 ) -> Unrolled:
     """Runs the lateral loops on a precomputed afferent drive ``d`` (see :func:`unroll`)."""
     num_steps = check_num_steps(num_steps)
@@ -562,18 +610,43 @@ def recur(
         final, residual = fixed_point(params, drive, config=config, tol=implicit_tol, max_steps=implicit_max_steps)
         return Unrolled(final, None, residual)
 
-    a0 = initial_state(params, drive, config)
-    step_fn = functools.partial(lateral_step, params=params, drive=drive, config=config)
+    kernels = [params.w_lat] + ([] if params.w_inh is None else [params.w_inh])
+    depthwise = config.mixing == "depthwise"
+    winograd_loop = all(use_winograd(drive, k, config.conv_algorithm, depthwise=depthwise) for k in kernels)
+    # XLA:CPU takes a >60× slower path for a convolution's gradient inside a rolled loop (jax#12868).
+    slow_rolled_conv = jax.default_backend() == "cpu" and not winograd_loop
     remat_outer_unroll = scan_unroll
     if scan_unroll == "auto":
-        kernels = [params.w_lat] + ([] if params.w_inh is None else [params.w_inh])
-        depthwise = config.mixing == "depthwise"
-        winograd_loop = all(use_winograd(drive, k, config.conv_algorithm, depthwise=depthwise) for k in kernels)
         scan_unroll = default_scan_unroll(num_steps, xla_conv_in_loop=not winograd_loop)
         # remat's outer loop over segments stays rolled: unrolled, XLA:CPU schedules the recomputation
         # next to the forward pass and keeps every state alive (measured: remat = full = 7.3 GB at T=64).
-        # The exception is an XLA convolution on CPU, where a rolled loop is >60× slower (jax#12868).
-        remat_outer_unroll = True if (jax.default_backend() == "cpu" and not winograd_loop) else 1
+        remat_outer_unroll = True if slow_rolled_conv else 1
+
+    if grad_mode == "remat":
+        chunks = _check_remat_batch_chunks(remat_batch_chunks, drive.shape[0], num_steps, slow_rolled_conv)
+        if chunks > 1:
+
+            def one_chunk(d):
+                return _run_loops(
+                    functools.partial(lateral_step, params=params, drive=d, config=config),
+                    initial_state(params, d, config),
+                    None,
+                    num_steps,
+                    return_states=return_states,
+                    scan_unroll=scan_unroll,
+                    remat=True,
+                    remat_outer_unroll=remat_outer_unroll,
+                )
+
+            # Only each chunk's drive is kept for the backward pass, which recomputes one chunk at a
+            # time; unrolled (where a rolled loop is slow), XLA may schedule the chunks side by side.
+            final, states, before = _map_batch_chunks(
+                jax.checkpoint(one_chunk), drive, chunks, rolled=remat_outer_unroll is not True
+            )
+            return Unrolled(final, states, relative_change(final, before))
+
+    a0 = initial_state(params, drive, config)
+    step_fn = functools.partial(lateral_step, params=params, drive=drive, config=config)
 
     if grad_mode == "truncated":
         if isinstance(truncate_steps, bool) or not isinstance(truncate_steps, int) or truncate_steps < 1:
@@ -624,6 +697,7 @@ def unroll(
     implicit_max_steps: int = 100,
     return_states: bool = True,
     scan_unroll: int | bool | Literal["auto"] = "auto",
+    remat_batch_chunks: int | Literal["auto"] = "auto",
 ) -> Unrolled:
     """Applies the lateral layer to an NHWC batch: ``d = N_d(W_ff * x + b)`` then T loops.
 
@@ -640,6 +714,10 @@ def unroll(
       return_states: also return ``a(0..T)`` as ``[T+1, B, H, W, C]`` (needed for analysis; costs
         T+1 activations of memory).
       scan_unroll: ``lax.scan`` unroll factor, or ``"auto"`` (:func:`default_scan_unroll`).
+      remat_batch_chunks: ``"remat"`` mode only: the loops run on this many equal slices of the
+        batch (a positive divisor of it), each under ``jax.checkpoint``, so the backward pass holds
+        one slice's states at a time.  ``"auto"``: :func:`default_remat_batch_chunks` (about √T),
+        or 1 for XLA convolutions on CPU.  Exact: every norm here is per example.
 
     Returns:
       :class:`Unrolled` ``(final, states, residual)``.
@@ -656,6 +734,7 @@ def unroll(
         implicit_max_steps=implicit_max_steps,
         return_states=return_states,
         scan_unroll=scan_unroll,
+        remat_batch_chunks=remat_batch_chunks,
     )
 
 
