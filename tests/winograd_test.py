@@ -113,6 +113,19 @@ def test_winograd_rejects_bad_input_with_a_fix():
         winograd.conv3x3(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2)), tile=3)
 
 
+def test_winograd_tile_is_4_on_maps_of_32_and_more(key):
+    assert recurrence.winograd_tile(32, 32) == 4 and recurrence.winograd_tile(64, 48) == 4
+    assert recurrence.winograd_tile(16, 16) == 2 and recurrence.winograd_tile(32, 16) == 2
+    assert recurrence.winograd_tile(34, 34) == 2  # not a multiple of 4: no padded F(4×4) tiles
+    x = jax.random.normal(key, (1, 32, 32, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 2)) / 5.0
+    f4 = jax.jit(lambda x, w: recurrence.conv(x, w, algorithm="winograd"))
+    assert rel_err(f4(x, w), direct(x, w)) < 1e-4
+    tiled = jax.jit(winograd.conv3x3, static_argnames="tile")
+    chex.assert_trees_all_equal(f4(x, w), tiled(x, w, tile=4))  # the F(4×4) path was taken ...
+    assert not np.array_equal(f4(x, w), tiled(x, w, tile=2))  # ... which rounds differently from F(2×2)
+
+
 def test_conv_algorithm_choice(key):
     x32 = jnp.zeros((128, 32, 32, 64))  # the reference workload's first lateral convolution
     w3, w5 = jnp.zeros((3, 3, 64, 64)), jnp.zeros((5, 5, 64, 64))
