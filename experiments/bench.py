@@ -165,6 +165,70 @@ def run_torch(python: str, peer: str, batch: int, num_steps: int, iters: int, ex
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def torch_variants(device: str) -> list[list[str]]:
+    if device == "cpu":
+        return [[]]
+    return [[], ["--bf16", "--channels-last"], ["--compile", "--bf16", "--channels-last"]]
+
+
+def measure_round(args, rnd: int, rows: list[dict]) -> None:
+    """One round: every configuration of ours, then (``--vs-torch``) the peer and the ratios."""
+    torch_batches = None if args.torch_batches is None else set(map(int, args.torch_batches.split(",")))
+    for batch in map(int, args.batch.split(",")):
+        for num_steps in map(int, args.steps.split(",")):
+            ours = []
+            for dtype in args.dtype.split(","):
+                for mode in args.grad_modes.split(","):
+                    for algorithm in args.conv_algorithm.split(","):
+                        row = run_config(batch, num_steps, mode, dtype, args.iters, args.memory_only, args, algorithm)
+                        row["round"] = rnd
+                        ours.append(row)
+                        print(json.dumps(row), flush=True)
+            rows.extend(ours)
+            if not args.vs_torch or args.memory_only or (torch_batches is not None and batch not in torch_batches):
+                continue
+            device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+            for extra in torch_variants(device):
+                t = run_torch(args.torch_python, args.torch_peer, batch, num_steps, args.iters * 4, extra, device)
+                t["round"] = rnd
+                print(json.dumps(t), flush=True)
+                rows.append(t)
+                if "images_per_s" not in t:
+                    continue
+                for r in ours:
+                    ratio = {
+                        "ratio_vs": t["impl"] + ("-bf16" if t.get("bf16") else ""),
+                        "ours": f"{r['dtype']}/{r['grad_mode']}/{r['conv_algorithm']}",
+                        "batch": batch,
+                        "steps": num_steps,
+                        "ratio": round(r["images_per_s"] / t["images_per_s"], 3),
+                        "round": rnd,
+                    }
+                    print(json.dumps(ratio), flush=True)
+                    rows.append(ratio)
+
+
+def median_ratios(rows: list[dict]) -> list[dict]:
+    """The median over rounds of every (ours, peer, batch, T) ratio, with its range."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        if "ratio" in r:
+            groups.setdefault((r["ours"], r["ratio_vs"], r["batch"], r["steps"]), []).append(r["ratio"])
+    return [
+        {
+            "median_ratio_vs": vs,
+            "ours": ours,
+            "batch": batch,
+            "steps": steps,
+            "median_ratio": round(float(np.median(ratios)), 3),
+            "min": min(ratios),
+            "max": max(ratios),
+            "rounds": len(ratios),
+        }
+        for (ours, vs, batch, steps), ratios in groups.items()
+    ]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", default="128")
@@ -184,6 +248,13 @@ def main(argv=None) -> None:
     p.add_argument("--torch-peer", default=str(TORCH_PEER), help="path of torch_peer.py")
     p.add_argument("--torch-batches", default=None, help="batch sizes to run the peer at (default: all)")
     p.add_argument("--torch-python", default=sys.executable, help="python that has torch (default: this one)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat every measurement (ours, then the peer) this many times and print the median ratios; "
+        "on a shared machine single runs drift by ±15%%",
+    )
     p.add_argument("--out", default=None, help="append the JSON lines to this file too")
     args = p.parse_args(argv)
     header = {
@@ -194,40 +265,13 @@ def main(argv=None) -> None:
         "cpus": os.cpu_count(),
     }
     print(json.dumps({"env": header}), flush=True)
-    rows = []
-    for batch in map(int, args.batch.split(",")):
-        for num_steps in map(int, args.steps.split(",")):
-            for dtype in args.dtype.split(","):
-                for mode in args.grad_modes.split(","):
-                    for algorithm in args.conv_algorithm.split(","):
-                        row = run_config(batch, num_steps, mode, dtype, args.iters, args.memory_only, args, algorithm)
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
-            torch_batches = None if args.torch_batches is None else set(map(int, args.torch_batches.split(",")))
-            if args.vs_torch and not args.memory_only and (torch_batches is None or batch in torch_batches):
-                device = "cuda" if jax.default_backend() == "gpu" else "cpu"
-                variants = (
-                    [[]]
-                    if device == "cpu"
-                    else [[], ["--bf16", "--channels-last"], ["--compile", "--bf16", "--channels-last"]]
-                )
-                for extra in variants:
-                    t = run_torch(args.torch_python, args.torch_peer, batch, num_steps, args.iters * 4, extra, device)
-                    print(json.dumps(t), flush=True)
-                    ours = [
-                        r for r in rows if r["batch"] == batch and r["steps"] == num_steps and r.get("images_per_s")
-                    ]
-                    if "images_per_s" in t:
-                        for r in ours:
-                            ratio = {
-                                "ratio_vs": t["impl"] + ("-bf16" if t.get("bf16") else ""),
-                                "ours": f"{r['dtype']}/{r['grad_mode']}/{r['conv_algorithm']}",
-                                "batch": batch,
-                                "steps": num_steps,
-                                "ratio": round(r["images_per_s"] / t["images_per_s"], 3),
-                            }
-                            print(json.dumps(ratio), flush=True)
-                            rows.append(ratio)
+    rows: list[dict] = []
+    for rnd in range(args.rounds):
+        measure_round(args, rnd, rows)
+    if args.rounds > 1:
+        for row in median_ratios(rows):
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     if args.out:
         with open(args.out, "a") as f:
             for r in rows:

@@ -24,3 +24,21 @@ def test_bench_rows_and_conv_algorithms_agree(capsys):
         assert r["images_per_s"] > 0 and r["xla_peak_mib"] > 0
         assert r["train_gflop_per_image"] == pytest.approx(bench.flops_per_image(1) / 1e9, abs=1e-3)
     assert runs["winograd"]["loss"] == pytest.approx(runs["xla"]["loss"], rel=1e-5)
+
+
+def test_median_ratios_summarise_the_rounds():
+    rows = [
+        {"ratio_vs": "torch-eager", "ours": "float32/full/auto", "batch": 128, "steps": 4, "ratio": v, "round": i}
+        for i, v in enumerate([1.2, 0.9, 1.05])
+    ] + [{"impl": "lateral_jax", "images_per_s": 50.0, "round": 0}]
+    (summary,) = bench.median_ratios(rows)
+    assert summary == {
+        "median_ratio_vs": "torch-eager",
+        "ours": "float32/full/auto",
+        "batch": 128,
+        "steps": 4,
+        "median_ratio": 1.05,
+        "min": 0.9,
+        "max": 1.2,
+        "rounds": 3,
+    }
