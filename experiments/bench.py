@@ -5,6 +5,7 @@ and train step. Prints one JSON line per configuration.
   python -m experiments.bench --grad-modes full,remat,truncated,implicit --steps 4
   python -m experiments.bench --memory-only --steps 4,16,64 --grad-modes full,remat,implicit
   python -m experiments.bench --batch 256,1024 --dtype float32,bfloat16 --vs-torch   # GPU
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.bench --batch 64,128,256 --devices 1,8
 
 Each line: images/s, step ms, compile s, peak memory (XLA's buffer assignment for the compiled
 step; on GPU also the allocator's peak), the model FLOPs per trained image (analytic, 3× forward)
@@ -75,9 +76,22 @@ def device_peak_tflops(dtype: str) -> float | None:
 
 
 def run_config(
-    batch: int, num_steps: int, grad_mode: str, dtype: str, iters: int, memory_only: bool, args, conv_algorithm="auto"
+    batch: int,
+    num_steps: int,
+    grad_mode: str,
+    dtype: str,
+    iters: int,
+    memory_only: bool,
+    args,
+    conv_algorithm="auto",
+    num_devices: int = 1,
 ) -> dict:
-    mesh = train.make_mesh(jax.devices()[:1])
+    if num_devices > len(jax.devices()) or batch % num_devices:
+        raise ValueError(
+            f"--devices {num_devices} needs that many devices (found {len(jax.devices())}; on CPU set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count=N) and a batch divisible by it (got {batch})."
+        )
+    mesh = train.make_mesh(jax.devices()[:num_devices])
     model = workload_model(
         num_steps,
         grad_mode,
@@ -112,6 +126,7 @@ def run_config(
         "impl": "lateral_jax",
         "device": jax.devices()[0].device_kind,
         "batch": batch,
+        "devices": num_devices,
         "steps": num_steps,
         "grad_mode": grad_mode,
         "dtype": dtype,
@@ -180,10 +195,13 @@ def measure_round(args, rnd: int, rows: list[dict]) -> None:
             for dtype in args.dtype.split(","):
                 for mode in args.grad_modes.split(","):
                     for algorithm in args.conv_algorithm.split(","):
-                        row = run_config(batch, num_steps, mode, dtype, args.iters, args.memory_only, args, algorithm)
-                        row["round"] = rnd
-                        ours.append(row)
-                        print(json.dumps(row), flush=True)
+                        for devices in map(int, args.devices.split(",")):
+                            row = run_config(
+                                batch, num_steps, mode, dtype, args.iters, args.memory_only, args, algorithm, devices
+                            )
+                            row["round"] = rnd
+                            ours.append(row)
+                            print(json.dumps(row), flush=True)
             rows.extend(ours)
             if not args.vs_torch or args.memory_only or (torch_batches is not None and batch not in torch_batches):
                 continue
@@ -198,7 +216,8 @@ def measure_round(args, rnd: int, rows: list[dict]) -> None:
                 for r in ours:
                     ratio = {
                         "ratio_vs": t["impl"] + ("-bf16" if t.get("bf16") else ""),
-                        "ours": f"{r['dtype']}/{r['grad_mode']}/{r['conv_algorithm']}",
+                        "ours": f"{r['dtype']}/{r['grad_mode']}/{r['conv_algorithm']}"
+                        + (f"/{r['devices']}dev" if r["devices"] > 1 else ""),
                         "batch": batch,
                         "steps": num_steps,
                         "ratio": round(r["images_per_s"] / t["images_per_s"], 3),
@@ -242,6 +261,12 @@ def main(argv=None) -> None:
         "--conv-algorithm",
         default="auto",
         help="comma-separated LateralConfig.conv_algorithm values: auto,xla,winograd",
+    )
+    p.add_argument(
+        "--devices",
+        default="1",
+        help="comma-separated device counts for data parallelism (the batch is split over them; on CPU "
+        "fake devices need XLA_FLAGS=--xla_force_host_platform_device_count=N)",
     )
     p.add_argument("--memory-only", action="store_true", help="compile and report XLA's memory plan; do not run")
     p.add_argument("--vs-torch", action="store_true", help="also run ../shared/bench/torch_peer.py and print ratios")

@@ -42,3 +42,11 @@ def test_median_ratios_summarise_the_rounds():
         "max": 1.2,
         "rounds": 3,
     }
+
+
+def test_bench_splits_the_batch_over_devices(capsys):
+    bench.main(["--batch", "4", "--steps", "1", "--devices", "2", "--conv-algorithm", "xla", "--memory-only"])
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()][1:]
+    assert row["devices"] == 2 and row["batch"] == 4 and row["xla_peak_mib"] > 0
+    with pytest.raises(ValueError, match="--devices 2 needs .* a batch divisible by it \\(got 3\\)"):
+        bench.main(["--batch", "3", "--steps", "1", "--devices", "2", "--memory-only"])
