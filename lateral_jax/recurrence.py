@@ -513,23 +513,18 @@ def default_remat_batch_chunks(batch: int, num_steps: int) -> int:
 def _map_batch_chunks(fn, x: jax.Array, num_chunks: int, *, rolled: bool):
     """``fn`` applied to ``num_chunks`` equal slices of ``x``'s batch axis; outputs reassembled.
 
-    Example ``i`` goes to chunk ``i mod num_chunks``, so a batch sharded in contiguous blocks over
-    devices stays sharded the same way inside every chunk (no cross-device shuffle).  ``fn``
-    returns ``(final, states | None, before)``; ``states`` has its batch on axis 1.
+    With more than one device the slices are strided (:func:`lateral_jax.winograd.split_batch`),
+    so a batch sharded over devices stays sharded the same way inside every slice.  ``fn`` returns
+    ``(final, states | None, before)``; ``states`` has its batch on axis 1.
     """
-    batch = x.shape[0]
-    chunked = jnp.moveaxis(x.reshape(batch // num_chunks, num_chunks, *x.shape[1:]), 1, 0)
+    chunked = winograd.split_batch(x, num_chunks)
     if rolled:
         final, states, before = jax.lax.map(fn, chunked)
     else:
         outs = [fn(chunked[i]) for i in range(num_chunks)]
         final, states, before = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *outs)
-
-    def unchunk(y, axis):  # [n, ..., b/n (at 1 + axis), ...] -> [..., b, ...]
-        y = jnp.moveaxis(y, 0, axis + 1)
-        return y.reshape(*y.shape[:axis], batch, *y.shape[axis + 2 :])
-
-    return unchunk(final, 0), (None if states is None else unchunk(states, 1)), unchunk(before, 0)
+    merged_states = None if states is None else winograd.merge_batch(states, axis=1)
+    return winograd.merge_batch(final), merged_states, winograd.merge_batch(before)
 
 
 def _check_remat_batch_chunks(value: object, batch: int, num_steps: int, slow_rolled_conv: bool) -> int:

@@ -159,16 +159,47 @@ def _batched_matmul(v: jax.Array, u: jax.Array) -> jax.Array:
     return jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))
 
 
-def chunk_size(batch: int, height: int, width: int, channels: int, elements: int = CHUNK_ELEMENTS) -> int:
-    """The largest divisor of ``batch`` whose transformed tiles (≈ 4·h·w·c values per image) fit ``elements``."""
+def chunk_size(batch: int, height: int, width: int, channels: int, elements: int | None = None) -> int:
+    """The largest divisor of ``batch`` whose transformed tiles (≈ 4·h·w·c values per image) fit
+    ``elements`` (default :data:`CHUNK_ELEMENTS`, read at call time)."""
+    elements = CHUNK_ELEMENTS if elements is None else elements
     size = max(1, min(batch, elements // max(1, 4 * height * width * channels)))
     while batch % size:
         size -= 1
     return size
 
 
+def split_batch(x: jax.Array, num_chunks: int, axis: int = 0, *, strided: bool | None = None) -> jax.Array:
+    """``x`` with its batch axis cut into ``num_chunks`` equal chunks, stacked on a new leading axis.
+
+    Contiguous (chunk ``k`` holds examples ``k·s … k·s + s - 1``) or strided (example ``i`` goes to
+    chunk ``i mod num_chunks``).  A batch sharded over devices in contiguous blocks keeps its
+    sharding inside every *strided* chunk, so a ``lax.scan`` over the chunks needs no cross-device
+    traffic; a contiguous split puts the scanned axis itself across devices (measured on 8 CPU
+    devices: 19 s instead of 2.6 s per step).  On one device the contiguous split is a free
+    reshape, while the strided one costs a transpose (Winograd forward up to 1.3× slower).
+    ``strided=None`` picks strided exactly when the process has more than one device.
+    :func:`merge_batch` is the inverse.
+    """
+    if strided is None:
+        strided = jax.device_count() > 1
+    batch = x.shape[axis]
+    if not strided:
+        return jnp.moveaxis(x.reshape(*x.shape[:axis], num_chunks, batch // num_chunks, *x.shape[axis + 1 :]), axis, 0)
+    split = x.reshape(*x.shape[:axis], batch // num_chunks, num_chunks, *x.shape[axis + 1 :])
+    return jnp.moveaxis(split, axis + 1, 0)
+
+
+def merge_batch(y: jax.Array, axis: int = 0, *, strided: bool | None = None) -> jax.Array:
+    """The inverse of :func:`split_batch` (with the same ``strided``): ``[n, ..., b/n, ...]`` → ``[..., b, ...]``."""
+    if strided is None:
+        strided = jax.device_count() > 1
+    y = jnp.moveaxis(y, 0, axis + 1 if strided else axis)
+    return y.reshape(*y.shape[:axis], y.shape[axis] * y.shape[axis + 1], *y.shape[axis + 2 :])
+
+
 def _chunked(x: jax.Array, size: int) -> jax.Array:
-    return x.reshape(x.shape[0] // size, size, *x.shape[1:])
+    return split_batch(x, x.shape[0] // size)
 
 
 def _conv_chunk(xc: jax.Array, u: jax.Array, m: int) -> jax.Array:
@@ -185,7 +216,7 @@ def _forward(x: jax.Array, u: jax.Array, m: int) -> jax.Array:
         return None, _conv_chunk(xc, u, m)
 
     _, y = jax.lax.scan(body, None, _chunked(x, size))
-    return y.reshape(b, h, w, u.shape[-1])
+    return merge_batch(y)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

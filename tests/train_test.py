@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from lateral_jax import models, train
+from lateral_jax import models, train, winograd
 from lateral_jax.recurrence import LateralConfig
 
 SMALL = LateralConfig.stable(num_groups=2)
@@ -45,10 +45,13 @@ REMAT_CHUNKED = {
     [{}, REMAT_CHUNKED],
     ids=["full", "remat-batch-chunks"],  # remat: 2 chunks of a sharded batch
 )
-def test_data_parallel_step_equals_single_device_step(kwargs8):
+def test_data_parallel_step_equals_single_device_step(kwargs8, monkeypatch):
     """One step on 8 devices (batch split 8 ways, all-reduced gradient) equals one step on 1 device
     with the same global batch, to float32 summation-order tolerance (atol 1e-6, rtol 1e-5).  The
-    remat case runs BPTT on 1 device and batch-chunked remat on 8."""
+    remat case runs BPTT on 1 device and batch-chunked remat on 8, with Winograd convolutions cut
+    into 2-4 batch chunks each (strided chunks keep the sharding)."""
+    if kwargs8:
+        monkeypatch.setattr(winograd, "CHUNK_ELEMENTS", 1 << 14)
     results = {}
     for n in (1, 8):
         kwargs = kwargs8 if n == 8 else {**kwargs8, "grad_mode": "full"} if kwargs8 else {}
