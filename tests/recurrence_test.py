@@ -315,8 +315,7 @@ def test_full_unroll_emits_no_loop(key, num_steps):
     assert ("scan" in rolled) == (num_steps > 1)  # a one-trip loop is never emitted
 
 
-@pytest.mark.parametrize("scan_unroll", [1, True], ids=["rolled", "unrolled"])
-@pytest.mark.parametrize("chunks", [2, 3])
+@pytest.mark.parametrize("chunks,scan_unroll", [(2, 1), (3, True)], ids=["2-rolled", "3-unrolled"])
 def test_remat_batch_chunks_give_the_full_gradient_and_states(key, chunks, scan_unroll):
     """Chunking the batch under remat is exact: same a(T), a(0..T), residual and gradient as BPTT."""
     params, x = make(key, STABLE, batch=6, scale=0.5)
@@ -361,8 +360,8 @@ def _grad_step_memory(config, num_steps, grad_mode, batch=16):
 
 
 def test_remat_memory_does_not_grow_with_t():
-    """XLA's buffer plan for the gradient: remat at T = 16 within 1.5× of T = 1; BPTT is not."""
+    """XLA's buffer plan for the gradient: remat at T = 16 within 1.5× of T = 1; BPTT is not, already at T = 4."""
     config = LateralConfig.paper(conv_algorithm="winograd")  # no XLA conv in the loop: rolled chunks
     base = _grad_step_memory(config, 1, "full")
-    assert _grad_step_memory(config, 16, "remat") <= 1.5 * base
-    assert _grad_step_memory(config, 16, "full") > 3 * base
+    assert _grad_step_memory(config, 16, "remat") <= 1.5 * base  # measured 0.80×
+    assert _grad_step_memory(config, 4, "full") > 1.5 * base  # measured 1.71×
