@@ -7,15 +7,14 @@ import numpy as np
 import optax
 import pytest
 
-from lateral_jax import models, train, winograd
+from lateral_jax import models, train
 from lateral_jax.recurrence import LateralConfig
 
 SMALL = LateralConfig.stable(num_groups=2)
 
 
-def setup(num_devices, batch=16, ei_mode="mixed_sign", **model_kwargs):
-    model_kwargs = {"num_steps": 2, "lateral": SMALL, **model_kwargs}
-    model = models.LCEICNN(widths=(4, 8), ei_mode=ei_mode, ei_weight=1e-2, **model_kwargs)
+def setup(num_devices, batch=16, ei_mode="mixed_sign"):
+    model = models.LCEICNN(widths=(4, 8), num_steps=2, lateral=SMALL, ei_mode=ei_mode, ei_weight=1e-2)
     tx = train.make_optimizer(
         train.OptimizerConfig(name="momentum", learning_rate=0.1, total_steps=10), ei_mode=ei_mode
     )
@@ -33,29 +32,12 @@ def test_eight_devices_exist():
     assert jax.device_count() == 8, "conftest sets --xla_force_host_platform_device_count=8"
 
 
-REMAT_CHUNKED = {
-    "num_steps": 4,
-    "grad_mode": "remat",
-    "lateral": LateralConfig.stable(num_groups=2, conv_algorithm="winograd"),
-}
-
-
-@pytest.mark.parametrize(
-    "kwargs8",
-    [{}, REMAT_CHUNKED],
-    ids=["full", "remat-batch-chunks"],  # remat: 2 chunks of a sharded batch
-)
-def test_data_parallel_step_equals_single_device_step(kwargs8, monkeypatch):
+def test_data_parallel_step_equals_single_device_step():
     """One step on 8 devices (batch split 8 ways, all-reduced gradient) equals one step on 1 device
-    with the same global batch, to float32 summation-order tolerance (atol 1e-6, rtol 1e-5).  The
-    remat case runs BPTT on 1 device and batch-chunked remat on 8, with Winograd convolutions cut
-    into 2-4 batch chunks each (strided chunks keep the sharding)."""
-    if kwargs8:
-        monkeypatch.setattr(winograd, "CHUNK_ELEMENTS", 1 << 14)
+    with the same global batch, to float32 summation-order tolerance (atol 1e-6, rtol 1e-5)."""
     results = {}
     for n in (1, 8):
-        kwargs = kwargs8 if n == 8 else {**kwargs8, "grad_mode": "full"} if kwargs8 else {}
-        model, tx, mesh, state, batch = setup(n, **kwargs)
+        model, tx, mesh, state, batch = setup(n)
         step = train.jit_train_step(model, tx, mesh)
         for _ in range(2):
             state, metrics = step(state, train.shard_batch(batch, mesh))
