@@ -506,8 +506,7 @@ def default_remat_batch_chunks(batch: int, num_steps: int) -> int:
     Chunking the batch divides the per-loop state memory by the chunk count; with √T chunks the
     √T-checkpointed loop keeps about 2 full-batch states in memory at any T.
     """
-    target = remat_segment_length(num_steps)
-    return max(n for n in range(1, min(batch, target) + 1) if batch % n == 0)
+    return winograd.largest_divisor(batch, remat_segment_length(num_steps))
 
 
 def _map_batch_chunks(fn, x: jax.Array, num_chunks: int, *, rolled: bool):
@@ -517,12 +516,9 @@ def _map_batch_chunks(fn, x: jax.Array, num_chunks: int, *, rolled: bool):
     so a batch sharded over devices stays sharded the same way inside every slice.  ``fn`` returns
     ``(final, states | None, before)``; ``states`` has its batch on axis 1.
     """
-    chunked = winograd.split_batch(x, num_chunks)
-    if rolled:
-        final, states, before = jax.lax.map(fn, chunked)
-    else:
-        outs = [fn(chunked[i]) for i in range(num_chunks)]
-        final, states, before = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *outs)
+    _, (final, states, before) = _scan(
+        lambda carry, d: (carry, fn(d)), None, winograd.split_batch(x, num_chunks), num_chunks, 1 if rolled else True
+    )
     merged_states = None if states is None else winograd.merge_batch(states, axis=1)
     return winograd.merge_batch(final), merged_states, winograd.merge_batch(before)
 

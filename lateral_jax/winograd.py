@@ -165,8 +165,13 @@ def chunk_size(batch: int, height: int, width: int, channels: int, elements: int
     """The largest divisor of ``batch`` whose transformed tiles (≈ 4·h·w·c values per image) fit
     ``elements`` (default :data:`CHUNK_ELEMENTS`, read at call time)."""
     elements = CHUNK_ELEMENTS if elements is None else elements
-    size = max(1, min(batch, elements // max(1, 4 * height * width * channels)))
-    while batch % size:
+    return largest_divisor(batch, elements // max(1, 4 * height * width * channels))
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of ``n`` that is at most ``at_most`` (at least 1)."""
+    size = max(1, min(n, at_most))
+    while n % size:
         size -= 1
     return size
 
