@@ -15,6 +15,7 @@ and the model FLOP utilisation against ``--peak-tflops`` (default: a per-device 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -37,14 +38,20 @@ TORCH_PEER = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "
 
 
 def workload_model(
-    num_steps: int, grad_mode: str, dtype, scan_unroll="auto", truncate_steps=None, conv_algorithm="auto"
+    num_steps: int,
+    grad_mode: str,
+    dtype,
+    scan_unroll="auto",
+    truncate_steps=None,
+    conv_algorithm="auto",
+    loop_kernel="xla",
 ) -> models.LateralCNN:
     """The reference LC-CNN: 3 stages 64/128/256, raw lateral layer (no norm), mixed-sign E/I 1e-3."""
     return models.LateralCNN(
         widths=WIDTHS,
         num_classes=10,
         num_steps=num_steps,
-        lateral=LateralConfig.paper(lateral_init_scale=0.0, conv_algorithm=conv_algorithm),
+        lateral=LateralConfig.paper(lateral_init_scale=0.0, conv_algorithm=conv_algorithm, loop_kernel=loop_kernel),
         grad_mode=grad_mode,
         truncate_steps=truncate_steps,
         implicit_tol=1e-4,
@@ -85,6 +92,7 @@ def run_config(
     args,
     conv_algorithm="auto",
     num_devices: int = 1,
+    loop_kernel: str = "xla",
 ) -> dict:
     if num_devices > len(jax.devices()) or batch % num_devices:
         raise ValueError(
@@ -99,6 +107,7 @@ def run_config(
         scan_unroll=args.scan_unroll if args.scan_unroll == "auto" else int(args.scan_unroll),
         truncate_steps=max(1, num_steps // 2) if grad_mode == "truncated" else None,
         conv_algorithm=conv_algorithm,
+        loop_kernel=loop_kernel,
     )
     tx = train.make_optimizer(
         train.OptimizerConfig(
@@ -131,6 +140,7 @@ def run_config(
         "grad_mode": grad_mode,
         "dtype": dtype,
         "conv_algorithm": conv_algorithm,
+        "loop_kernel": loop_kernel,
         "compile_s": round(compile_s, 2),
         "xla_peak_mib": None if xla_peak is None else round(xla_peak / 2**20, 1),
         "xla_temp_mib": None if mem is None else round(mem.temp_size_in_bytes / 2**20, 1),
@@ -192,16 +202,19 @@ def measure_round(args, rnd: int, rows: list[dict]) -> None:
     for batch in map(int, args.batch.split(",")):
         for num_steps in map(int, args.steps.split(",")):
             ours = []
-            for dtype in args.dtype.split(","):
-                for mode in args.grad_modes.split(","):
-                    for algorithm in args.conv_algorithm.split(","):
-                        for devices in map(int, args.devices.split(",")):
-                            row = run_config(
-                                batch, num_steps, mode, dtype, args.iters, args.memory_only, args, algorithm, devices
-                            )
-                            row["round"] = rnd
-                            ours.append(row)
-                            print(json.dumps(row), flush=True)
+            for dtype, mode, algorithm, loop_kernel, devices in itertools.product(
+                args.dtype.split(","),
+                args.grad_modes.split(","),
+                args.conv_algorithm.split(","),
+                args.loop_kernel.split(","),
+                map(int, args.devices.split(",")),
+            ):
+                row = run_config(
+                    batch, num_steps, mode, dtype, args.iters, args.memory_only, args, algorithm, devices, loop_kernel
+                )
+                row["round"] = rnd
+                ours.append(row)
+                print(json.dumps(row), flush=True)
             rows.extend(ours)
             if not args.vs_torch or args.memory_only or (torch_batches is not None and batch not in torch_batches):
                 continue
@@ -217,6 +230,7 @@ def measure_round(args, rnd: int, rows: list[dict]) -> None:
                     ratio = {
                         "ratio_vs": t["impl"] + ("-bf16" if t.get("bf16") else ""),
                         "ours": f"{r['dtype']}/{r['grad_mode']}/{r['conv_algorithm']}"
+                        + (f"/{r['loop_kernel']}" if r["loop_kernel"] != "xla" else "")
                         + (f"/{r['devices']}dev" if r["devices"] > 1 else ""),
                         "batch": batch,
                         "steps": num_steps,
@@ -261,6 +275,12 @@ def main(argv=None) -> None:
         "--conv-algorithm",
         default="auto",
         help="comma-separated LateralConfig.conv_algorithm values: auto,xla,winograd",
+    )
+    p.add_argument(
+        "--loop-kernel",
+        default="xla",
+        help="comma-separated LateralConfig.loop_kernel values: xla,pallas (the fused Pallas loop kernel; "
+        "grad mode 'full' only; interpreted, so very slow, off GPU)",
     )
     p.add_argument(
         "--devices",

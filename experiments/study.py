@@ -211,6 +211,7 @@ def run_one(dataset, variant, seed, protocol, arrays, compiled_cache, out_path: 
         "final_loop_change": change,
         "wall_s": round(wall, 2),
         "device": jax.devices()[0].device_kind,
+        "dtype": protocol.dtype,
         **diag,
     }
     if save_params and variant in SAVE_PARAMS and seed == 0:
@@ -286,6 +287,7 @@ def summarise(rows: list[dict]) -> dict:
             "frac_e": float(np.mean([r.get("ei/fraction_excitatory", float("nan")) for r in rs])),
             "protocol": rs[0]["protocol"],
             "device": rs[0]["device"],
+            "runs_on": sorted({f"{r['device']} {r.get('dtype', PROTOCOLS[r['protocol']].dtype)}" for r in rs}),
             "wall_s": float(np.mean([r["wall_s"] for r in rs])),
         }
     return out
@@ -311,10 +313,19 @@ def tables(rows: list[dict]) -> str:
             pur = "–" if math.isnan(s["purity"]) else f"{s['purity']:.3f}"
             fe = "–" if math.isnan(s["frac_e"]) else f"{s['frac_e']:.2f}"
             acc = f"{100 * s['mean']:.2f}{std} %"
-            cells = [variant, acc, s["n"], s["diverged"], f"{s['params']:,}", flops, pur, fe, f"{s['wall_s']:.1f}"]
+            seeds = f"{s['n']}" + ("†" if len(s["runs_on"]) > 1 else "")
+            cells = [variant, acc, seeds, s["diverged"], f"{s['params']:,}", flops, pur, fe, f"{s['wall_s']:.1f}"]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
         first = next(iter(summary.values()))
         lines += ["", f"Protocol `{first['protocol']}` on {first['device']}.", ""]
+        mixed = {v: s["runs_on"] for (d, v), s in summary.items() if d == dataset and len(s["runs_on"]) > 1}
+        if mixed:
+            lines += [
+                "† seeds run on more than one device/compute dtype: "
+                + "; ".join(f"{v}: {', '.join(on)}" for v, on in mixed.items())
+                + ".",
+                "",
+            ]
     return "\n".join(lines)
 
 
@@ -325,6 +336,13 @@ def main(argv=None) -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default="experiments/results/study.jsonl")
     p.add_argument("--time-budget-s", type=float, default=float("inf"))
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16"),
+        help="override the protocol's compute dtype (recorded in each row); e.g. float32 to run the gpu "
+        "protocol on a CPU, where bfloat16 is about 2x slower",
+    )
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--archive", default=str(ARCHIVE), help="the CIFAR-10 JPEG archive")
     p.add_argument("--tables", default=None, help="only print the tables of these (comma-separated) results files")
@@ -342,6 +360,8 @@ def main(argv=None) -> None:
         print(tables(rows))
         return
     protocol = PROTOCOLS[args.protocol]
+    if args.dtype:
+        protocol = dataclasses.replace(protocol, dtype=args.dtype)
     if args.analyze:
         for dataset in args.datasets.split(","):
             analyze_saved(

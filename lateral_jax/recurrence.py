@@ -48,12 +48,14 @@ Norm = Literal["none", "group", "layer"]
 Activation = Literal["relu", "gelu", "tanh", "softplus", "identity"]
 Mixing = Literal["full", "depthwise"]
 ConvAlgorithm = Literal["auto", "xla", "winograd"]
+LoopKernel = Literal["xla", "pallas"]
 
 GRAD_MODES = ("full", "remat", "truncated", "implicit")
 NORMS = ("none", "group", "layer")
 ACTIVATIONS = ("relu", "gelu", "tanh", "softplus", "identity")
 MIXINGS = ("full", "depthwise")
 CONV_ALGORITHMS = ("auto", "xla", "winograd")
+LOOP_KERNELS = ("xla", "pallas")
 
 _ACTIVATION_FNS = {
     "relu": jax.nn.relu,
@@ -112,6 +114,10 @@ class LateralConfig:
         :func:`winograd_tile`) and a hand-written VJP (no forward-mode AD). ``"auto"``
         (default): Winograd for large (batch·H·W·C_in·C_out ≥ 2^27, C_in ≥ 16) full-mixing 3×3
         convolutions in float32/64 on CPU, where it is 2× faster; XLA everywhere else.
+      loop_kernel: ``"xla"`` (default, the reference): the loops are a ``lax.scan`` of XLA ops.
+        ``"pallas"``: all T loops of ``grad_mode="full"`` in one fused Pallas kernel
+        (:mod:`lateral_jax.fused`; Triton on GPU, Pallas's interpreter elsewhere), with a
+        ``custom_vjp`` backward over the saved states.  Opt-in: its GPU speed is not measured yet.
     """
 
     kernel_size: int = 3
@@ -125,6 +131,7 @@ class LateralConfig:
     activation: Activation = "relu"
     lateral_init_scale: float = 0.1
     conv_algorithm: ConvAlgorithm = "auto"
+    loop_kernel: LoopKernel = "xla"
 
     def __post_init__(self) -> None:
         _check_odd_size("kernel_size", self.kernel_size)
@@ -136,6 +143,7 @@ class LateralConfig:
         _check_choice("loop_norm", self.loop_norm, NORMS)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("conv_algorithm", self.conv_algorithm, CONV_ALGORITHMS)
+        _check_choice("loop_kernel", self.loop_kernel, LOOP_KERNELS)
         if not 0.0 < self.leak <= 1.0:
             raise ValueError(f"leak={self.leak!r} must lie in (0, 1]; 1 means no leak.")
         if isinstance(self.num_groups, bool) or not isinstance(self.num_groups, int) or self.num_groups < 1:
@@ -599,6 +607,8 @@ def recur(
             f"got w_inh={'None' if params.w_inh is None else 'an array'}, inhibitory_size={config.inhibitory_size}."
         )
     _check_norm_groups(config, channels)
+    if config.loop_kernel == "pallas":
+        return _recur_fused(params, drive, num_steps, config, grad_mode, return_states)
 
     if grad_mode == "implicit":
         if return_states:
@@ -684,6 +694,29 @@ def recur(
         remat_outer_unroll=remat_outer_unroll,
     )
     return Unrolled(final, states, relative_change(final, before))
+
+
+def _recur_fused(
+    params: LateralParams,
+    drive: jax.Array,
+    num_steps: int,
+    config: LateralConfig,
+    grad_mode: GradMode,
+    return_states: bool,
+) -> Unrolled:
+    """``recur`` with ``loop_kernel="pallas"``: the loops in one fused kernel (full BPTT gradient)."""
+    from lateral_jax import fused  # the fused kernel builds on this module
+
+    if grad_mode != "full":
+        raise ValueError(
+            f"loop_kernel='pallas' computes the full BPTT gradient (grad_mode='full'); got grad_mode={grad_mode!r}. "
+            "Use loop_kernel='xla' for 'remat', 'truncated' and 'implicit'."
+        )
+    a0 = initial_state(params, drive, config)
+    if num_steps == 0:
+        return Unrolled(a0, a0[None] if return_states else None, relative_change(a0, a0))
+    states = fused.loop_states(params, drive, a0, num_steps=num_steps, config=config)
+    return Unrolled(states[-1], states if return_states else None, relative_change(states[-1], states[-2]))
 
 
 def unroll(
