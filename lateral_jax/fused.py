@@ -16,9 +16,13 @@ rows whose column wraps around the image edge are masked.  Every loop's state is
 ``states`` output ``[T+1, B, margin + H·W + margin, C]``, which is both the kernel's working
 buffer (it stays in L2 on a GPU) and what the backward pass needs.
 
-Backward (``jax.custom_vjp``): a reverse loop over the saved states; each loop's VJP is the XLA
-reference step (:func:`lateral_jax.recurrence.lateral_step`) at the saved input state, so the
-gradient equals backpropagation through time at the cost of one recomputed loop per loop.
+Backward (``jax.custom_vjp``, hand-written): a second kernel, one program per example, runs the
+loops backwards over the saved states.  Per loop it recomputes ``pre(t)`` from ``a(t-1)`` (one
+convolution; the forward pass keeps only the states), then ``∂L/∂z = α f'(z) ḡ``, the GroupNorm
+backward ``∂L/∂pre = (u − ⟨u⟩_g − x̂ ⟨u x̂⟩_g)/σ`` with ``u = γ ∂L/∂z``, and the transposed lateral
+convolution ``∂L/∂a(t-1) = (1−α) ḡ + Σ_δ ∂L/∂pre[p − δ] W[δ]ᵀ``.  The reductions over loops, batch
+and pixels run in XLA as single large ops: ``∂L/∂d = Σ_t ∂L/∂pre(t)`` and ``∂L/∂W_lat``, the
+weight gradient of one convolution over the ``T·B`` pairs ``(a(t-1), ∂L/∂pre(t))``.
 
 Backends: on GPU the kernel compiles through Pallas's Triton lowering; on CPU and TPU it runs in
 Pallas's interpreter (the same program, for tests; slow).  Constraints (checked, with a clear
@@ -129,132 +133,365 @@ def _barrier(interpret: bool) -> None:
         plt.debug_barrier()
 
 
-def _loop_kernel(a0_ref, d_ref, w_ref, scale_ref, bias_ref, states_ref, stats_ref, *, g: LoopGeometry, interpret):
-    """One program = one example. Refs: a0, d ``[HW, C]``; w ``[l·l, C, C]``; scale, bias ``[C]``;
-    states ``[T+1, rows, C]`` (output); stats ``[4, C]`` fp32 scratch (Σpre, Σpre², μ, 1/σ)."""
-    p_tile, c_tile, c = g.pixel_tile, g.channel_tile, g.channels
-    n_tiles, n_margin = g.pixels // p_tile, g.margin // p_tile
-    dtype = states_ref.dtype
-    taps = [(dy, dx) for dy in range(-g.radius, g.radius + 1) for dx in range(-g.radius, g.radius + 1)]
+def _taps(g: LoopGeometry) -> list[tuple[int, int]]:
+    return [(dy, dx) for dy in range(-g.radius, g.radius + 1) for dx in range(-g.radius, g.radius + 1)]
 
-    # Zero margins of every state, and a(0).
-    def zero_margins(t, carry):
+
+def _zero_margins(ref, num_slots: int, g: LoopGeometry) -> None:
+    """Zeroes the margin rows of ``ref[0..num_slots)``, a ``[slots, rows, C]`` padded buffer."""
+    p_tile = g.pixel_tile
+
+    def zero_slot(t, carry):
         def one(i, carry):
-            zeros = jnp.zeros((p_tile, c), dtype)
-            states_ref[t, pl.ds(i * p_tile, p_tile), :] = zeros
-            states_ref[t, pl.ds(g.margin + g.pixels + i * p_tile, p_tile), :] = zeros
+            zeros = jnp.zeros((p_tile, g.channels), ref.dtype)
+            ref[t, pl.ds(i * p_tile, p_tile), :] = zeros
+            ref[t, pl.ds(g.margin + g.pixels + i * p_tile, p_tile), :] = zeros
             return carry
 
-        return jax.lax.fori_loop(0, n_margin, one, carry)
+        return jax.lax.fori_loop(0, g.margin // p_tile, one, carry)
 
-    jax.lax.fori_loop(0, g.num_steps + 1, zero_margins, 0)
+    jax.lax.fori_loop(0, num_slots, zero_slot, 0)
+
+
+def _conv_tile(load, w_ref, p0, c0, g: LoopGeometry, *, transpose: bool) -> jax.Array:
+    """``[P, c_tile]`` fp32 block (pixels ``p0…``, channels ``c0…``) of the lateral convolution of a
+    padded map read through ``load(row_slice, channel_slice)``: ``Σ_δ src[p + δ] · W[δ]``, or with
+    ``transpose`` its adjoint ``Σ_δ src[p − δ] · W[δ]ᵀ``.  Taps that wrap around a row are masked."""
+    p_tile, c_tile = g.pixel_tile, g.channel_tile
+    col = (p0 + jnp.arange(p_tile, dtype=jnp.int32)) % g.width
+    acc = jnp.zeros((p_tile, c_tile), jnp.float32)
+    for tap, (dy, dx) in enumerate(_taps(g)):
+        sy, sx = (-dy, -dx) if transpose else (dy, dx)
+        valid = ((col + sx) >= 0) & ((col + sx) < g.width)
+        start = g.margin + p0 + sy * g.width + sx
+        for k in range(g.channels // c_tile):
+            x = load(pl.ds(start, p_tile), pl.ds(k * c_tile, c_tile))
+            x = jnp.where(valid[:, None], x, jnp.zeros_like(x))
+            if transpose:
+                w = w_ref[tap, pl.ds(c0, c_tile), pl.ds(k * c_tile, c_tile)].astype(x.dtype)
+                acc += jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            else:
+                w = w_ref[tap, pl.ds(k * c_tile, c_tile), pl.ds(c0, c_tile)].astype(x.dtype)
+                acc += jnp.dot(x, w, preferred_element_type=jnp.float32)
+    return acc
+
+
+def _pre_pass(load_prev, d_ref, w_ref, store_pre, g: LoopGeometry):
+    """``pre = d + L(a(t-1))`` for every tile, written with ``store_pre(pixel_slice, channel_slice, pre)``.
+
+    Returns the per-channel ``(Σ pre, Σ pre²)`` in fp32, one pair per channel tile, summed as loop
+    carries (a read-modify-write of global memory inside the loop would race between threads)."""
+    p_tile, c_tile = g.pixel_tile, g.channel_tile
+
+    def tile(i, sums):
+        p0 = i * p_tile
+        new_sums = []
+        for j in range(g.channels // c_tile):
+            c0 = j * c_tile
+            acc = _conv_tile(load_prev, w_ref, p0, c0, g, transpose=False)
+            drive = d_ref[pl.ds(p0, p_tile), pl.ds(c0, c_tile)]
+            pre = drive + acc.astype(drive.dtype)
+            store_pre(pl.ds(p0, p_tile), pl.ds(c0, c_tile), pre)
+            pre32 = pre.astype(jnp.float32)
+            s1, s2 = sums[j]
+            new_sums.append((s1 + jnp.sum(pre32, axis=0), s2 + jnp.sum(pre32 * pre32, axis=0)))
+        return tuple(new_sums)
+
+    zero = jnp.zeros((c_tile,), jnp.float32)
+    return jax.lax.fori_loop(0, g.pixels // p_tile, tile, tuple((zero, zero) for _ in range(g.channels // c_tile)))
+
+
+def _group_means(stats_ref, src_rows: tuple[int, int], dst_rows: tuple[int, int], g: LoopGeometry, rsqrt: bool):
+    """Per-channel sums in ``stats[src_rows]`` → their means over each group, broadcast back to the
+    group's channels in ``stats[dst_rows]``.  With ``rsqrt`` the pair is ``(Σx, Σx²)`` and the
+    result ``(μ, 1/√(σ² + ε))``."""
+    per_group = g.channels // g.num_groups
+    count = float(g.pixels * per_group)
+    for grp in range(g.num_groups):
+        sl = pl.ds(grp * per_group, per_group)
+        m1 = jnp.sum(stats_ref[src_rows[0], sl]) / count
+        m2 = jnp.sum(stats_ref[src_rows[1], sl]) / count
+        if rsqrt:
+            m2 = jax.lax.rsqrt(jnp.maximum(m2 - m1 * m1, 0.0) + g.eps)
+        stats_ref[dst_rows[0], sl] = jnp.full((per_group,), m1, jnp.float32)
+        stats_ref[dst_rows[1], sl] = jnp.full((per_group,), m2, jnp.float32)
+
+
+def _store_channel_sums(stats_ref, rows: tuple[int, int], sums, c_tile: int) -> None:
+    for j, (s1, s2) in enumerate(sums):
+        stats_ref[rows[0], pl.ds(j * c_tile, c_tile)] = s1
+        stats_ref[rows[1], pl.ds(j * c_tile, c_tile)] = s2
+
+
+def _normalised(pre, stats_ref, scale_ref, bias_ref, dtype):
+    """``(x̂, z)``: ``x̂ = (pre − μ)/σ`` (fp32) and the norm's output ``z = γ x̂ + β`` (in ``dtype``)."""
+    xhat = (pre.astype(jnp.float32) - stats_ref[2, :][None, :]) * stats_ref[3, :][None, :]
+    return xhat, (xhat * scale_ref[...][None, :] + bias_ref[...][None, :]).astype(dtype)
+
+
+def _loop_kernel(a0_ref, d_ref, w_ref, scale_ref, bias_ref, states_ref, stats_ref, *, g: LoopGeometry, interpret):
+    """Forward, one program = one example. Refs: a0, d ``[HW, C]``; w ``[l·l, C, C]``; scale, bias
+    ``[C]``; states ``[T+1, rows, C]`` (output); stats ``[4, C]`` fp32 scratch (Σpre, Σpre², μ, 1/σ)."""
+    p_tile, c_tile = g.pixel_tile, g.channel_tile
+    dtype = states_ref.dtype
+    _zero_margins(states_ref, g.num_steps + 1, g)
 
     def copy_a0(i, carry):
         states_ref[0, pl.ds(g.margin + i * p_tile, p_tile), :] = a0_ref[pl.ds(i * p_tile, p_tile), :]
         return carry
 
-    jax.lax.fori_loop(0, n_tiles, copy_a0, 0)
+    jax.lax.fori_loop(0, g.pixels // p_tile, copy_a0, 0)
     _barrier(interpret)
 
     def one_loop(t, carry):
-        # Pass 1: pre = d + L(a(t-1)) into states[t]; per-channel Σpre and Σpre² as loop carries (a
-        # read-modify-write of global memory inside the loop would race between threads on a GPU).
-        def pre_tile(i, sums):
-            p0 = i * p_tile
-            col = (p0 + jnp.arange(p_tile, dtype=jnp.int32)) % g.width
-            new_sums = []
-            for j in range(c // c_tile):
-                c0 = j * c_tile
-                acc = jnp.zeros((p_tile, c_tile), jnp.float32)
-                for tap, (dy, dx) in enumerate(taps):
-                    valid = ((col + dx) >= 0) & ((col + dx) < g.width)
-                    start = g.margin + p0 + dy * g.width + dx
-                    for k in range(c // c_tile):
-                        x = states_ref[t - 1, pl.ds(start, p_tile), pl.ds(k * c_tile, c_tile)]
-                        x = jnp.where(valid[:, None], x, jnp.zeros_like(x))
-                        w = w_ref[tap, pl.ds(k * c_tile, c_tile), pl.ds(c0, c_tile)]
-                        acc += jnp.dot(x, w, preferred_element_type=jnp.float32)
-                pre = d_ref[pl.ds(p0, p_tile), pl.ds(c0, c_tile)] + acc.astype(dtype)
-                states_ref[t, pl.ds(g.margin + p0, p_tile), pl.ds(c0, c_tile)] = pre
-                pre32 = pre.astype(jnp.float32)
-                s1, s2 = sums[j]
-                new_sums.append((s1 + jnp.sum(pre32, axis=0), s2 + jnp.sum(pre32 * pre32, axis=0)))
-            return tuple(new_sums)
+        # Pass 1: pre = d + L(a(t-1)) into states[t], with its per-channel moments.
+        def store(rows, cols, pre):
+            states_ref[t, pl.ds(g.margin + rows.start, rows.size), cols] = pre
 
-        zero = jnp.zeros((c_tile,), jnp.float32)
-        sums = jax.lax.fori_loop(0, n_tiles, pre_tile, tuple((zero, zero) for _ in range(c // c_tile)))
+        sums = _pre_pass(lambda rows, cols: states_ref[t - 1, rows, cols], d_ref, w_ref, store, g)
         if g.num_groups:
-            for j, (s1, s2) in enumerate(sums):
-                stats_ref[0, pl.ds(j * c_tile, c_tile)] = s1
-                stats_ref[1, pl.ds(j * c_tile, c_tile)] = s2
-        _barrier(interpret)
-
-        # Group statistics, broadcast back to channels (rows 2, 3 of stats).
-        if g.num_groups:
-            per_group = c // g.num_groups
-            count = float(g.pixels * per_group)
-            for grp in range(g.num_groups):
-                sl = pl.ds(grp * per_group, per_group)
-                mean = jnp.sum(stats_ref[0, sl]) / count
-                var = jnp.maximum(jnp.sum(stats_ref[1, sl]) / count - mean * mean, 0.0)
-                stats_ref[2, sl] = jnp.full((per_group,), mean, jnp.float32)
-                stats_ref[3, sl] = jnp.full((per_group,), jax.lax.rsqrt(var + g.eps), jnp.float32)
+            _store_channel_sums(stats_ref, (0, 1), sums, c_tile)
             _barrier(interpret)
+            _group_means(stats_ref, (0, 1), (2, 3), g, rsqrt=True)
+        _barrier(interpret)
 
         # Pass 2: a(t) = (1-α) a(t-1) + α f(N(pre)).
         def out_tile(i, carry):
             rows = pl.ds(g.margin + i * p_tile, p_tile)
             z = states_ref[t, rows, :]
             if g.num_groups:
-                z32 = (z.astype(jnp.float32) - stats_ref[2, :][None, :]) * stats_ref[3, :][None, :]
-                z = (z32 * scale_ref[...][None, :] + bias_ref[...][None, :]).astype(dtype)
+                z = _normalised(z, stats_ref, scale_ref, bias_ref, dtype)[1]
             new = rec.activate(z, g.activation)
             if g.leak != 1.0:
                 new = ((1.0 - g.leak) * states_ref[t - 1, rows, :] + g.leak * new).astype(dtype)
             states_ref[t, rows, :] = new
             return carry
 
-        jax.lax.fori_loop(0, n_tiles, out_tile, 0)
+        jax.lax.fori_loop(0, g.pixels // p_tile, out_tile, 0)
         _barrier(interpret)
         return carry
 
     jax.lax.fori_loop(1, g.num_steps + 1, one_loop, 0)
 
 
+def _loop_grad_kernel(
+    states_ref,
+    d_ref,
+    w_ref,
+    scale_ref,
+    bias_ref,
+    gout_ref,
+    gpre_ref,
+    ga0_ref,
+    gnorm_ref,
+    gcarry_ref,
+    pre_ref,
+    gz_ref,
+    stats_ref,
+    *,
+    g: LoopGeometry,
+    interpret,
+):
+    """Backward, one program = one example, loops ``t = T … 1``.  Inputs: the padded states
+    ``[T+1, rows, C]``, d, w, scale, bias as forward, ``gout = ∂L/∂a(0..T)`` ``[T+1, HW, C]``.
+    Outputs: ``gpre[t-1] = ∂L/∂pre(t)`` ``[T, rows, C]`` (padded, fp32), ``∂L/∂a(0)``, ``(∂L/∂γ,
+    ∂L/∂β)`` ``[2, C]``; scratch: the running ``∂L/∂a(t)``, ``pre``, ``∂L/∂z``, stats ``[6, C]``.
+
+    Per loop, with ``ḡ = ∂L/∂a(t)``, ``z = γ x̂ + β``, ``u = γ ∂L/∂z``::
+
+        ∂L/∂z   = α f'(z) ḡ
+        ∂L/∂pre = (u − mean_g(u) − x̂ mean_g(u x̂)) / σ          (= ∂L/∂z without a norm)
+        ∂L/∂a(t-1) = (1 − α) ḡ + Σ_δ ∂L/∂pre[p − δ] · W[δ]ᵀ + ∂L/∂a(t-1) from the output
+    """
+    p_tile, c_tile, c = g.pixel_tile, g.channel_tile, g.channels
+    n_tiles = g.pixels // p_tile
+    dtype = states_ref.dtype
+    _zero_margins(gpre_ref, g.num_steps, g)
+
+    def zero_carry(i, carry):
+        gcarry_ref[pl.ds(i * p_tile, p_tile), :] = jnp.zeros((p_tile, c), jnp.float32)
+        return carry
+
+    jax.lax.fori_loop(0, n_tiles, zero_carry, 0)
+    _barrier(interpret)
+
+    def one_loop(step, gnorm):
+        t = g.num_steps - step
+
+        # Pass A: recompute pre(t) from the saved a(t-1), and its moments.
+        def store(rows, cols, pre):
+            pre_ref[rows, cols] = pre
+
+        sums = _pre_pass(lambda rows, cols: states_ref[t - 1, rows, cols], d_ref, w_ref, store, g)
+        if g.num_groups:
+            _store_channel_sums(stats_ref, (0, 1), sums, c_tile)
+            _barrier(interpret)
+            _group_means(stats_ref, (0, 1), (2, 3), g, rsqrt=True)
+        _barrier(interpret)
+
+        # Pass B: ∂L/∂z; with a norm also Σu, Σu·x̂ (this loop) and ∂L/∂γ, ∂L/∂β (all loops).
+        def dz_tile(i, carry):
+            rows = pl.ds(i * p_tile, p_tile)
+            gbar = gcarry_ref[rows, :] + gout_ref[t, rows, :].astype(jnp.float32)
+            pre = pre_ref[rows, :]
+            if g.num_groups:
+                xhat, z = _normalised(pre, stats_ref, scale_ref, bias_ref, dtype)
+            else:
+                z = pre
+            act_vjp = jax.vjp(lambda v: rec.activate(v, g.activation), z.astype(jnp.float32))[1]
+            gz = g.leak * act_vjp(gbar)[0]
+            if not g.num_groups:
+                gpre_ref[t - 1, pl.ds(g.margin + i * p_tile, p_tile), :] = gz
+                return carry
+            gz_ref[rows, :] = gz
+            su, sux, sgg, sgb = carry
+            u = gz * scale_ref[...][None, :]
+            return (
+                su + jnp.sum(u, axis=0),
+                sux + jnp.sum(u * xhat, axis=0),
+                sgg + jnp.sum(gz * xhat, axis=0),
+                sgb + jnp.sum(gz, axis=0),
+            )
+
+        zero = jnp.zeros((c,), jnp.float32)
+        sums = jax.lax.fori_loop(0, n_tiles, dz_tile, (zero, zero, gnorm[0], gnorm[1]))
+        if g.num_groups:
+            stats_ref[0, :] = sums[0]
+            stats_ref[1, :] = sums[1]
+            gnorm = (sums[2], sums[3])
+            _barrier(interpret)
+            _group_means(stats_ref, (0, 1), (4, 5), g, rsqrt=False)
+            _barrier(interpret)
+
+            # Pass C: ∂L/∂pre through the GroupNorm.
+            def dpre_tile(i, carry):
+                rows = pl.ds(i * p_tile, p_tile)
+                xhat = (pre_ref[rows, :].astype(jnp.float32) - stats_ref[2, :][None, :]) * stats_ref[3, :][None, :]
+                u = gz_ref[rows, :] * scale_ref[...][None, :]
+                dpre = (u - stats_ref[4, :][None, :] - xhat * stats_ref[5, :][None, :]) * stats_ref[3, :][None, :]
+                gpre_ref[t - 1, pl.ds(g.margin + i * p_tile, p_tile), :] = dpre
+                return carry
+
+            jax.lax.fori_loop(0, n_tiles, dpre_tile, 0)
+        _barrier(interpret)
+
+        # Pass D: ∂L/∂a(t-1) = (1-α) ḡ + Wᵀ ⋆ ∂L/∂pre, the running cotangent for the next loop down.
+        def da_tile(i, carry):
+            p0 = i * p_tile
+            for j in range(c // c_tile):
+                block = (pl.ds(p0, p_tile), pl.ds(j * c_tile, c_tile))
+                acc = _conv_tile(
+                    lambda rows, cols: gpre_ref[t - 1, rows, cols], w_ref, p0, j * c_tile, g, transpose=True
+                )
+                if g.leak != 1.0:
+                    gbar = gcarry_ref[block] + gout_ref[(t, *block)].astype(jnp.float32)
+                    acc += (1.0 - g.leak) * gbar
+                gcarry_ref[block] = acc
+            return carry
+
+        jax.lax.fori_loop(0, n_tiles, da_tile, 0)
+        _barrier(interpret)
+        return gnorm
+
+    zero = jnp.zeros((c,), jnp.float32)
+    gnorm = jax.lax.fori_loop(0, g.num_steps, one_loop, (zero, zero))
+    gnorm_ref[0, :] = gnorm[0]
+    gnorm_ref[1, :] = gnorm[1]
+
+    def final_tile(i, carry):
+        rows = pl.ds(i * p_tile, p_tile)
+        ga0_ref[rows, :] = gcarry_ref[rows, :] + gout_ref[0, rows, :].astype(jnp.float32)
+        return carry
+
+    jax.lax.fori_loop(0, n_tiles, final_tile, 0)
+
+
+def _compiler_params(interpret: bool) -> dict:
+    if interpret:
+        return {}
+    from jax.experimental.pallas import triton as plt
+
+    return {"compiler_params": plt.CompilerParams(num_warps=4, num_stages=1)}
+
+
+def _per_example(*shape) -> pl.BlockSpec:
+    """Block of one example of a ``[B, *shape]`` array (batch axis squeezed)."""
+    return pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
+
+
+def _per_example_time_major(*shape) -> pl.BlockSpec:
+    """Block of one example of a ``[T', B, *shape]`` array."""
+    return pl.BlockSpec((shape[0], None, *shape[1:]), lambda i: (0, i) + (0,) * (len(shape) - 1))
+
+
+def _shared(*shape) -> pl.BlockSpec:
+    return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+
+
+def _kernel_args(drive, w_lat, g: LoopGeometry):
+    taps, c = (2 * g.radius + 1) ** 2, g.channels
+    return drive.reshape(drive.shape[0], g.pixels, c), w_lat.astype(drive.dtype).reshape(taps, c, c)
+
+
 def _call_kernel(a0, drive, w_lat, scale, bias, g: LoopGeometry, interpret: bool) -> jax.Array:
     """The padded states ``[T+1, B, rows, C]`` (see the module docstring)."""
-    b, c, hw = drive.shape[0], g.channels, g.pixels
-    taps = (2 * g.radius + 1) ** 2
-    dtype = drive.dtype
-    flat = functools.partial(jnp.reshape, shape=(b, hw, c))
-    call_kwargs = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as plt
-
-        call_kwargs["compiler_params"] = plt.CompilerParams(num_warps=4, num_stages=1)
+    b, c, hw, taps = drive.shape[0], g.channels, g.pixels, (2 * g.radius + 1) ** 2
+    d, w = _kernel_args(drive, w_lat, g)
     states, _ = pl.pallas_call(
         functools.partial(_loop_kernel, g=g, interpret=interpret),
         out_shape=(
-            jax.ShapeDtypeStruct((g.num_steps + 1, b, g.rows, c), dtype),
+            jax.ShapeDtypeStruct((g.num_steps + 1, b, g.rows, c), drive.dtype),
             jax.ShapeDtypeStruct((b, 4, c), jnp.float32),
         ),
         grid=(b,),
-        in_specs=[
-            pl.BlockSpec((None, hw, c), lambda i: (i, 0, 0)),
-            pl.BlockSpec((None, hw, c), lambda i: (i, 0, 0)),
-            pl.BlockSpec((taps, c, c), lambda i: (0, 0, 0)),
-            pl.BlockSpec((c,), lambda i: (0,)),
-            pl.BlockSpec((c,), lambda i: (0,)),
-        ],
-        out_specs=(
-            pl.BlockSpec((g.num_steps + 1, None, g.rows, c), lambda i: (0, i, 0, 0)),
-            pl.BlockSpec((None, 4, c), lambda i: (i, 0, 0)),
-        ),
+        in_specs=[_per_example(hw, c), _per_example(hw, c), _shared(taps, c, c), _shared(c), _shared(c)],
+        out_specs=(_per_example_time_major(g.num_steps + 1, g.rows, c), _per_example(4, c)),
         interpret=interpret,
         name="lateral_loops",
-        **call_kwargs,
-    )(flat(a0), flat(drive), w_lat.astype(dtype).reshape(taps, c, c), scale, bias)
+        **_compiler_params(interpret),
+    )(a0.reshape(b, hw, c), d, w, scale, bias)
     return states
+
+
+def _call_grad_kernel(states, drive, w_lat, scale, bias, g_states, g: LoopGeometry, interpret: bool):
+    """``(∂L/∂pre(1..T) [T, B, rows, C] padded, ∂L/∂a(0) [B, HW, C], (∂L/∂γ, ∂L/∂β) [B, 2, C])``."""
+    b, c, hw, taps, t = drive.shape[0], g.channels, g.pixels, (2 * g.radius + 1) ** 2, g.num_steps
+    d, w = _kernel_args(drive, w_lat, g)
+    f32 = jnp.float32
+    gpre, ga0, gnorm, *_ = pl.pallas_call(
+        functools.partial(_loop_grad_kernel, g=g, interpret=interpret),
+        out_shape=(
+            jax.ShapeDtypeStruct((t, b, g.rows, c), f32),  # ∂L/∂pre(t), padded
+            jax.ShapeDtypeStruct((b, hw, c), f32),  # ∂L/∂a(0)
+            jax.ShapeDtypeStruct((b, 2, c), f32),  # ∂L/∂γ, ∂L/∂β per example
+            jax.ShapeDtypeStruct((b, hw, c), f32),  # scratch: running ∂L/∂a(t)
+            jax.ShapeDtypeStruct((b, hw, c), drive.dtype),  # scratch: pre(t)
+            jax.ShapeDtypeStruct((b, hw, c), f32),  # scratch: ∂L/∂z
+            jax.ShapeDtypeStruct((b, 6, c), f32),  # scratch: statistics
+        ),
+        grid=(b,),
+        in_specs=[
+            _per_example_time_major(t + 1, g.rows, c),
+            _per_example(hw, c),
+            _shared(taps, c, c),
+            _shared(c),
+            _shared(c),
+            _per_example_time_major(t + 1, hw, c),
+        ],
+        out_specs=(
+            _per_example_time_major(t, g.rows, c),
+            _per_example(hw, c),
+            _per_example(2, c),
+            _per_example(hw, c),
+            _per_example(hw, c),
+            _per_example(hw, c),
+            _per_example(6, c),
+        ),
+        interpret=interpret,
+        name="lateral_loops_grad",
+        **_compiler_params(interpret),
+    )(states, d, w, scale, bias, g_states.reshape(t + 1, b, hw, c))
+    return gpre, ga0, gnorm
 
 
 def _unpad(states: jax.Array, g: LoopGeometry) -> jax.Array:
@@ -262,38 +499,35 @@ def _unpad(states: jax.Array, g: LoopGeometry) -> jax.Array:
     return states[:, :, g.margin : g.margin + g.pixels].reshape(t1, b, g.height, g.width, g.channels)
 
 
-def _reference_step(a_prev, drive, w_lat, scale, bias, config: rec.LateralConfig):
-    norm = rec.NormParams(scale, bias) if config.loop_norm != "none" else None
-    params = rec.LateralParams(None, None, w_lat, loop_norm=norm)
-    return rec.lateral_step(a_prev, None, params=params, drive=drive, config=config)[0]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _fused_states(a0, drive, w_lat, scale, bias, g, config, interpret):
+def _fused_states(a0, drive, w_lat, scale, bias, g, conv_algorithm, interpret):
     return _unpad(_call_kernel(a0, drive, w_lat, scale, bias, g, interpret), g)
 
 
-def _fused_states_fwd(a0, drive, w_lat, scale, bias, g, config, interpret):
-    states = _fused_states(a0, drive, w_lat, scale, bias, g, config, interpret)
-    return states, (states, drive, w_lat, scale, bias)
+def _fused_states_fwd(a0, drive, w_lat, scale, bias, g, conv_algorithm, interpret):
+    padded = _call_kernel(a0, drive, w_lat, scale, bias, g, interpret)
+    return _unpad(padded, g), (padded, drive, w_lat, scale, bias)
 
 
-def _fused_states_bwd(g, config, interpret, residuals, g_states):
-    states, drive, w_lat, scale, bias = residuals
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, (drive, w_lat, scale, bias))
+def _fused_states_bwd(g, conv_algorithm, interpret, residuals, g_states):
+    """The fused backward kernel for the sequential part; the two reductions over loops, batch and
+    pixels run in XLA as single large ops: ``∂L/∂d = Σ_t ∂L/∂pre(t)`` and ``∂L/∂W`` as the
+    weight-gradient of one convolution over the ``T·B`` pairs ``(a(t-1), ∂L/∂pre(t))``."""
+    padded, drive, w_lat, scale, bias = residuals
+    gpre, ga0, gnorm = _call_grad_kernel(padded, drive, w_lat, scale, bias, g_states, g, interpret)
+    t, b = g.num_steps, drive.shape[0]
+    gpre = _unpad(gpre, g).astype(drive.dtype)
+    inputs = _unpad(padded[:-1], g)
+    flat = (t * b, g.height, g.width, g.channels)
 
-    def back(carry, xs):
-        g_next, acc = carry  # ∂L/∂a(t) flowing back from loop t+1; accumulated parameter cotangents
-        a_prev, g_out = xs
-        _, vjp = jax.vjp(functools.partial(_reference_step, config=config), a_prev, drive, w_lat, scale, bias)
-        g_prev, *g_params = vjp(g_out + g_next)
-        return (g_prev, jax.tree_util.tree_map(jnp.add, acc, tuple(g_params))), None
+    def conv(w):
+        return rec.conv(inputs.reshape(flat), w, algorithm=conv_algorithm)
 
-    unroll = True if jax.default_backend() == "cpu" else 1  # jax#12868: XLA:CPU conv gradients in a loop
-    (g_a0, (g_d, g_w, g_s, g_b)), _ = jax.lax.scan(
-        back, (jnp.zeros_like(states[0]), zeros), (states[:-1], g_states[1:]), reverse=True, unroll=unroll
-    )
-    return g_a0 + g_states[0], g_d, g_w, g_s, g_b
+    g_w = jax.vjp(conv, w_lat.astype(drive.dtype))[1](gpre.reshape(flat))[0].astype(w_lat.dtype)
+    g_d = jnp.sum(gpre.astype(jnp.float32), axis=0).astype(drive.dtype)
+    g_a0 = ga0.reshape(drive.shape).astype(drive.dtype)
+    g_scale, g_bias = jnp.sum(gnorm[:, 0], axis=0).astype(scale.dtype), jnp.sum(gnorm[:, 1], axis=0).astype(bias.dtype)
+    return g_a0, g_d, g_w, g_scale, g_bias
 
 
 _fused_states.defvjp(_fused_states_fwd, _fused_states_bwd)
@@ -323,7 +557,7 @@ def loop_states(
         scale, bias = params.loop_norm.scale, params.loop_norm.bias
     else:
         scale, bias = jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32)
-    return _fused_states(a0, drive, params.w_lat, scale, bias, g, config, bool(interpret))
+    return _fused_states(a0, drive, params.w_lat, scale, bias, g, config.conv_algorithm, bool(interpret))
 
 
 __all__ = ["LoopGeometry", "check_supported", "geometry", "loop_states"]

@@ -1,7 +1,8 @@
 """The fused Pallas loop kernel (lateral_jax/fused.py) against the XLA reference loop.
 
-Run in Pallas's interpreter on CPU: the same kernel program, so these check its numerics; the GPU
-lowering is checked by lowering it for CUDA (a Triton call) on this machine.  Tolerances (stated in
+Run in Pallas's interpreter on CPU: the same kernel programs (forward and hand-written backward), so
+these check their numerics; the GPU lowering is checked by lowering both for CUDA (Triton calls) on
+this machine.  Tolerances (stated in
 the README): float32 states and gradients within 1e-5 · max |reference| (the kernel sums taps and
 GroupNorm moments in a different order); bfloat16 kernel vs the float32 reference: 5e-2.
 """
@@ -34,10 +35,11 @@ CASES = [  # (config, (batch, height, width, channels, T))
         LateralConfig(loop_norm="layer", leak=0.5, activation="gelu", lateral_size=5, lateral_init_scale=1.0),
         (1, 4, 4, 32, 2),
     ),
+    (LateralConfig(lateral_init_scale=0.5), (1, 4, 4, 16, 2)),
 ]
 
 
-@pytest.mark.parametrize("config,shape", CASES, ids=["groupnorm-relu-3x3", "layernorm-leak-gelu-5x5"])
+@pytest.mark.parametrize("config,shape", CASES, ids=["groupnorm-relu-3x3", "layernorm-leak-gelu-5x5", "no-norm"])
 def test_fused_loops_match_the_xla_loop_values_and_gradients(key, config, shape):
     b, h, w, c, num_steps = shape
     params = layer(key, config, c)
@@ -77,17 +79,17 @@ def test_fused_bfloat16_tracks_the_float32_reference(key):
     assert rel_err(got.states, ref.states) < 5e-2
 
 
-def test_fused_kernel_lowers_to_a_triton_call_for_cuda(key):
-    """The kernel uses only what Pallas's Triton lowering supports (block sides powers of two, ...)."""
+def test_fused_kernels_lower_to_triton_calls_for_cuda(key):
+    """Both kernels use only what Pallas's Triton lowering supports (block sides powers of two, ...)."""
     config = LateralConfig(loop_norm="group", num_groups=8)
     params = recurrence.init_params(key, in_channels=64, out_channels=64, config=config)
     drive = jnp.zeros((2, 32, 32, 64), jnp.bfloat16)
 
-    def loops(p, d):
-        return fused.loop_states(p, d, d, num_steps=2, config=config, interpret=False)
+    def loss(p, d):
+        return jnp.sum(fused.loop_states(p, d, d, num_steps=2, config=config, interpret=False).astype(jnp.float32))
 
-    hlo = jax.jit(loops).trace(params, drive).lower(lowering_platforms=("cuda",)).as_text()
-    assert hlo.count("xla.gpu.triton") == 1
+    hlo = jax.jit(jax.grad(loss)).trace(params, drive).lower(lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("xla.gpu.triton") == 2  # the forward and the backward kernel
 
 
 @pytest.mark.parametrize(
