@@ -22,6 +22,8 @@ def lateral_config(**overrides) -> ml_collections.ConfigDict:
         num_groups=4,
         activation="relu",
         lateral_init_scale=0.1,
+        conv_algorithm="auto",
+        loop_kernel="xla",
     )
     base.update(overrides)
     return ml_collections.ConfigDict(base)
