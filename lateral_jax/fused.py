@@ -42,9 +42,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
 
 from lateral_jax import recurrence as rec
 
+# The mesh axis a data-parallel batch is sharded along (lateral_jax.train.make_mesh's).
+BATCH_AXIS = "data"
 # Tile sizes: every loaded block must have power-of-two sides (Triton) of at least 16 (its dot).
 PIXEL_TILE = 64
 CHANNEL_TILE = 64
@@ -557,7 +560,38 @@ def loop_states(
         scale, bias = params.loop_norm.scale, params.loop_norm.bias
     else:
         scale, bias = jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32)
-    return _fused_states(a0, drive, params.w_lat, scale, bias, g, config.conv_algorithm, bool(interpret))
+
+    def run(a0, drive, w_lat, scale, bias):
+        return _fused_states(a0, drive, w_lat, scale, bias, g, config.conv_algorithm, bool(interpret))
+
+    mesh = _data_parallel_mesh(drive.shape[0])
+    if mesh is not None:  # one kernel per device on its shard of the batch; W_lat's gradient is summed
+        batch, shared = P(BATCH_AXIS), P()
+        run = jax.shard_map(
+            run,
+            mesh=mesh,
+            in_specs=(batch, batch, shared, shared, shared),
+            out_specs=P(None, BATCH_AXIS),
+            check_vma=False,  # pallas_call outputs carry no varying-axes annotation
+        )
+    return run(a0, drive, params.w_lat, scale, bias)
+
+
+def _data_parallel_mesh(batch: int):
+    """The mesh in context (``jax.sharding.use_abstract_mesh``, set by :mod:`lateral_jax.train`)
+    when it shards the batch along :data:`BATCH_AXIS` over more than one device, else ``None``.
+
+    A ``pallas_call`` has no rule for XLA's automatic partitioning, so under a data-parallel ``jit``
+    the kernel runs inside ``jax.shard_map``, one call per device on its examples."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or BATCH_AXIS not in mesh.axis_names or mesh.shape[BATCH_AXIS] == 1:
+        return None
+    if batch % mesh.shape[BATCH_AXIS]:
+        raise ValueError(
+            f"loop_kernel='pallas' runs per device: the batch of {batch} does not split over the "
+            f"{mesh.shape[BATCH_AXIS]} devices of the mesh's {BATCH_AXIS!r} axis; use a multiple of it."
+        )
+    return mesh
 
 
 __all__ = ["LoopGeometry", "check_supported", "geometry", "loop_states"]

@@ -18,6 +18,7 @@ under ``grad`` on JAX ≥ 0.11).  The same code runs on 1 device, N devices and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -199,10 +200,23 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     )
 
 
+def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """``fn`` traced with ``mesh`` as the abstract mesh in context, so that code that must know the
+    data-parallel layout (the fused Pallas loop kernel, which runs under ``jax.shard_map``) sees it."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def jit_train_step(model: Any, tx: optax.GradientTransformation, mesh: Mesh) -> Callable:
     """``train_step`` jitted over ``mesh``: state replicated and donated, batch sharded."""
     rep, data = replicated(mesh), batch_sharding(mesh)
 
+    @functools.partial(in_mesh, mesh=mesh)
     def step(state, batch):
         return train_step(state, batch, model=model, tx=tx)
 
@@ -212,7 +226,9 @@ def jit_train_step(model: Any, tx: optax.GradientTransformation, mesh: Mesh) -> 
 def jit_eval_step(model: Any, mesh: Mesh) -> Callable:
     rep, data = replicated(mesh), batch_sharding(mesh)
     return jax.jit(
-        lambda params, batch: eval_step(params, batch, model=model), in_shardings=(rep, data), out_shardings=rep
+        in_mesh(lambda params, batch: eval_step(params, batch, model=model), mesh),
+        in_shardings=(rep, data),
+        out_shardings=rep,
     )
 
 
@@ -287,6 +303,7 @@ def make_device_epoch(
     data = batch_sharding(mesh)
     rep = replicated(mesh)
 
+    @functools.partial(in_mesh, mesh=mesh)
     def body_step(state, images, labels, idx, key):
         x = images[idx]
         if augment:
@@ -328,6 +345,7 @@ def make_device_eval(model: Any, mesh: Mesh, *, batch_size: int) -> Callable:
     """``evaluate(params, images, labels) -> accuracy`` over device-resident data (padded batches)."""
     rep = replicated(mesh)
 
+    @functools.partial(in_mesh, mesh=mesh)
     def run(params, images, labels):
         n = images.shape[0]
         steps = -(-n // batch_size)

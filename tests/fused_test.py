@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import fused_check
@@ -122,3 +123,42 @@ def test_fused_check_passes_on_a_model_without_norms():
     assert row["ok"], row
     assert row["xla_max_rel_err"] == 0.0  # the float32 XLA path is the reference itself
     assert 0.0 < row["max_rel_err"] < 1e-4
+
+
+def test_fused_kernel_trains_data_parallel_on_8_devices_like_xla_on_1():
+    """Under train.jit_train_step's mesh the kernel runs in shard_map, one call per device."""
+    from lateral_jax import models, train
+
+    assert len(jax.devices()) >= 8, "conftest sets --xla_force_host_platform_device_count=8"
+    lateral = LateralConfig.stable(num_groups=4, lateral_init_scale=0.5)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.standard_normal((8, 16, 16, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, (8,)).astype(np.int32),
+    }
+
+    def one_step(num_devices, loop_kernel):
+        mesh = train.make_mesh(jax.devices()[:num_devices])
+        config = dataclasses.replace(lateral, loop_kernel=loop_kernel)
+        model = models.LateralCNN(widths=(16,), num_classes=10, num_steps=2, lateral=config)
+        tx = train.make_optimizer(train.OptimizerConfig(name="momentum", learning_rate=0.1, schedule="constant"))
+        state = train.replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, 16, 16, 3))), mesh)
+        state, metrics = train.jit_train_step(model, tx, mesh)(state, train.shard_batch(batch, mesh))
+        return jax.device_get(state.params), float(metrics["loss"])
+
+    (want, loss_want), (got, loss_got) = one_step(1, "xla"), one_step(8, "pallas")
+    assert abs(loss_got - loss_want) < 1e-5
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_fused_kernel_needs_a_batch_that_splits_over_the_mesh(key):
+    from lateral_jax import train
+
+    config = LateralConfig(loop_kernel="pallas")
+    params = recurrence.init_params(key, in_channels=3, out_channels=16, config=config)
+    mesh = train.make_mesh(jax.devices()[:8])
+    too_small = jnp.zeros((4, 8, 8, 3))  # 4 examples, 8 devices
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        with pytest.raises(ValueError, match="does not split over the 8"):
+            recurrence.unroll(params, too_small, num_steps=1, config=config)
