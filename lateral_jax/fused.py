@@ -298,7 +298,8 @@ def _loop_grad_kernel(
     """Backward, one program = one example, loops ``t = T … 1``.  Inputs: the padded states
     ``[T+1, rows, C]``, d, w, scale, bias as forward, ``gout = ∂L/∂a(0..T)`` ``[T+1, HW, C]``.
     Outputs: ``gpre[t-1] = ∂L/∂pre(t)`` ``[T, rows, C]`` (padded, fp32), ``∂L/∂a(0)``, ``(∂L/∂γ,
-    ∂L/∂β)`` ``[2, C]``; scratch: the running ``∂L/∂a(t)``, ``pre``, ``∂L/∂z``, stats ``[6, C]``.
+    ∂L/∂β)`` ``[2, C]``; scratch: the running ``∂L/∂a(t)``, ``pre``, ``∂L/∂z``, stats ``[8, C]``
+    (rows 0–5 used; 8 rows, a power of two, for Triton).
 
     Per loop, with ``ḡ = ∂L/∂a(t)``, ``z = γ x̂ + β``, ``u = γ ∂L/∂z``::
 
@@ -470,7 +471,7 @@ def _call_grad_kernel(states, drive, w_lat, scale, bias, g_states, g: LoopGeomet
             jax.ShapeDtypeStruct((b, hw, c), f32),  # scratch: running ∂L/∂a(t)
             jax.ShapeDtypeStruct((b, hw, c), drive.dtype),  # scratch: pre(t)
             jax.ShapeDtypeStruct((b, hw, c), f32),  # scratch: ∂L/∂z
-            jax.ShapeDtypeStruct((b, 6, c), f32),  # scratch: statistics
+            jax.ShapeDtypeStruct((b, 8, c), f32),  # scratch: statistics
         ),
         grid=(b,),
         in_specs=[
@@ -488,7 +489,7 @@ def _call_grad_kernel(states, drive, w_lat, scale, bias, g_states, g: LoopGeomet
             _per_example(hw, c),
             _per_example(hw, c),
             _per_example(hw, c),
-            _per_example(6, c),
+            _per_example(8, c),
         ),
         interpret=interpret,
         name="lateral_loops_grad",
