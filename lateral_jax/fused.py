@@ -226,6 +226,16 @@ def _store_channel_sums(stats_ref, rows: tuple[int, int], sums, c_tile: int) -> 
         stats_ref[rows[1], pl.ds(j * c_tile, c_tile)] = s2
 
 
+def _pre_and_moments(load_prev, store_pre, d_ref, w_ref, stats_ref, g: LoopGeometry, interpret: bool) -> None:
+    """:func:`_pre_pass`, then (with a loop norm) the group mean and 1/σ into ``stats[2], stats[3]``."""
+    sums = _pre_pass(load_prev, d_ref, w_ref, store_pre, g)
+    if g.num_groups:
+        _store_channel_sums(stats_ref, (0, 1), sums, g.channel_tile)
+        _barrier(interpret)
+        _group_means(stats_ref, (0, 1), (2, 3), g, rsqrt=True)
+    _barrier(interpret)
+
+
 def _normalised(pre, stats_ref, scale_ref, bias_ref, dtype):
     """``(x̂, z)``: ``x̂ = (pre − μ)/σ`` (fp32) and the norm's output ``z = γ x̂ + β`` (in ``dtype``)."""
     xhat = (pre.astype(jnp.float32) - stats_ref[2, :][None, :]) * stats_ref[3, :][None, :]
@@ -235,7 +245,7 @@ def _normalised(pre, stats_ref, scale_ref, bias_ref, dtype):
 def _loop_kernel(a0_ref, d_ref, w_ref, scale_ref, bias_ref, states_ref, stats_ref, *, g: LoopGeometry, interpret):
     """Forward, one program = one example. Refs: a0, d ``[HW, C]``; w ``[l·l, C, C]``; scale, bias
     ``[C]``; states ``[T+1, rows, C]`` (output); stats ``[4, C]`` fp32 scratch (Σpre, Σpre², μ, 1/σ)."""
-    p_tile, c_tile = g.pixel_tile, g.channel_tile
+    p_tile = g.pixel_tile
     dtype = states_ref.dtype
     _zero_margins(states_ref, g.num_steps + 1, g)
 
@@ -251,12 +261,7 @@ def _loop_kernel(a0_ref, d_ref, w_ref, scale_ref, bias_ref, states_ref, stats_re
         def store(rows, cols, pre):
             states_ref[t, pl.ds(g.margin + rows.start, rows.size), cols] = pre
 
-        sums = _pre_pass(lambda rows, cols: states_ref[t - 1, rows, cols], d_ref, w_ref, store, g)
-        if g.num_groups:
-            _store_channel_sums(stats_ref, (0, 1), sums, c_tile)
-            _barrier(interpret)
-            _group_means(stats_ref, (0, 1), (2, 3), g, rsqrt=True)
-        _barrier(interpret)
+        _pre_and_moments(lambda rows, cols: states_ref[t - 1, rows, cols], store, d_ref, w_ref, stats_ref, g, interpret)
 
         # Pass 2: a(t) = (1-α) a(t-1) + α f(N(pre)).
         def out_tile(i, carry):
@@ -326,12 +331,7 @@ def _loop_grad_kernel(
         def store(rows, cols, pre):
             pre_ref[rows, cols] = pre
 
-        sums = _pre_pass(lambda rows, cols: states_ref[t - 1, rows, cols], d_ref, w_ref, store, g)
-        if g.num_groups:
-            _store_channel_sums(stats_ref, (0, 1), sums, c_tile)
-            _barrier(interpret)
-            _group_means(stats_ref, (0, 1), (2, 3), g, rsqrt=True)
-        _barrier(interpret)
+        _pre_and_moments(lambda rows, cols: states_ref[t - 1, rows, cols], store, d_ref, w_ref, stats_ref, g, interpret)
 
         # Pass B: ∂L/∂z; with a norm also Σu, Σu·x̂ (this loop) and ∂L/∂γ, ∂L/∂β (all loops).
         def dz_tile(i, carry):

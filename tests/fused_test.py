@@ -48,20 +48,18 @@ def test_fused_loops_match_the_xla_loop_values_and_gradients(key, config, shape)
     fused_config = dataclasses.replace(config, loop_kernel="pallas")
 
     @functools.partial(jax.jit, static_argnums=1)
-    def run(p, cfg):
-        return recurrence.unroll(p, x, num_steps=num_steps, config=cfg)
+    def run_and_grad(p, cfg):  # one compilation per path: the states and the gradient of a loss of them
+        def loss(p):  # touches the final state and an intermediate one, non-linearly
+            u = recurrence.unroll(p, x, num_steps=num_steps, config=cfg)
+            return jnp.sum(jnp.sin(u.final)) + jnp.sum(jnp.square(u.states[1])), u
 
-    ref, got = run(params, config), run(params, fused_config)
+        (_, out), grads = jax.value_and_grad(loss, has_aux=True)(p)
+        return out, grads
+
+    (ref, want), (got, have) = run_and_grad(params, config), run_and_grad(params, fused_config)
     assert got.states.shape == (num_steps + 1, b, h, w, c)
     assert rel_err(got.states, ref.states) < 1e-5
     assert abs(float(got.residual) - float(ref.residual)) < 1e-5
-
-    def loss(p, cfg):  # touches the final state and an intermediate one, non-linearly
-        u = run(p, cfg)
-        return jnp.sum(jnp.sin(u.final)) + jnp.sum(jnp.square(u.states[1]))
-
-    grad = jax.jit(jax.grad(loss), static_argnums=1)
-    want, have = grad(params, config), grad(params, fused_config)
     flat_want = jax.tree_util.tree_flatten_with_path(want)[0]
     for (path, r), g in zip(flat_want, jax.tree_util.tree_leaves(have), strict=True):
         assert rel_err(g, r) < 1e-5, jax.tree_util.keystr(path)
