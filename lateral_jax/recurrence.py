@@ -558,7 +558,7 @@ def _run_loops(
     """Runs ``num_steps`` loops from ``a0``; returns (final, states a(0..T) or None, a(T-1))."""
     if num_steps == 0:
         return a0, (a0[None] if return_states else None), a0
-    if remat:
+    if remat and num_steps > 1:  # one loop is one segment: checkpointing it only adds buffers
         (final, before), ys = _scan_steps_remat(
             step_fn,
             a0,
