@@ -23,7 +23,8 @@ step with :func:`jax.lax.scan` and offers four ways to differentiate through the
   recomputes one segment at a time, so O(√T) states are stored instead of O(T) (per-step
   checkpointing would save nothing here: a step's only residual *is* its input state).  The
   batch is also cut into about √T chunks whose loops are recomputed one chunk at a time, so the
-  stored states come to about two full-batch states at any T (one more forward pass).
+  stored states come to about two full-batch states at any T (one more forward pass).  At T = 1
+  it is plain BPTT (one checkpointed loop would only add buffers).
 * ``"truncated"``: gradients flow through the last ``truncate_steps`` loops only; ``a(T-K)`` is
   treated as a constant.
 * ``"implicit"``: iterate to a fixed point ``a* = f(N_l(d + L(a*)))`` and differentiate it with the
