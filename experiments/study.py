@@ -8,7 +8,10 @@ Each run (dataset, variant, seed) trains with the whole dataset on the device
 (``train.make_device_epoch``: one jitted ``lax.scan`` per epoch, augmentation in JAX) and appends one
 JSON line to ``--out``: validation accuracy, parameters, forward FLOPs per image (XLA cost
 analysis), divergence, wall time, final-loop change and E/I diagnostics.  Finished runs found in
-``--out`` are skipped, so rerunning resumes.  Runs go breadth-first (every variant's seed 0, then
+``--out`` are skipped, so rerunning resumes; a run killed mid-way resumes from its last finished
+epoch (orbax checkpoints in ``<out stem>_checkpoints/``, removed once its row is written).  ``--dtype``
+overrides the protocol's compute dtype (recorded per row; tables mark variants whose seeds ran on
+different devices or dtypes with †).  Runs go breadth-first (every variant's seed 0, then
 seed 1, ...) so that a ``--time-budget-s`` cut leaves balanced partial results.  The seed-0
 parameters of F-/LC-/LCEI-CNN are saved as ``<out stem>_<dataset>_<variant>.npz`` for
 ``experiments/analyze.py --params``.
@@ -20,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -149,7 +153,7 @@ def run_one(dataset, variant, seed, protocol, arrays, compiled_cache, out_path: 
     import jax
     import jax.numpy as jnp
 
-    from lateral_jax import train
+    from lateral_jax import checkpoint, train
 
     x_tr, y_tr, x_va, y_va, num_classes, _ = arrays
     key = (dataset, variant)
@@ -178,17 +182,30 @@ def run_one(dataset, variant, seed, protocol, arrays, compiled_cache, out_path: 
     data = compiled_cache[data_key]
     t0 = time.perf_counter()
     state = train.replicate(train.init_state(model, tx, jax.random.key(seed), jnp.zeros((1, *x_tr.shape[1:]))), mesh)
+    # One checkpoint per finished epoch, so a killed run resumes where it stopped (a CPU run of the
+    # gpu protocol takes hours); removed once the run's row is written.
+    ckpt = checkpoint.Checkpointer(run_checkpoint_dir(out_path, dataset, variant, seed), max_to_keep=1)
+    start, earlier_wall, change = 0, 0.0, float("nan")
+    restored = ckpt.restore(state)
+    if restored is not None:
+        start, state, progress = restored
+        earlier_wall, change = progress["wall_s"], progress["final_loop_change"]
+        print(f"{dataset}/{variant}/seed {seed}: resuming after epoch {start} of {epochs}", flush=True)
     diverged_epoch = None
-    change = float("nan")
-    for e in range(epochs):
-        state, metrics = epoch_fn(state, data[0], data[1], jax.random.fold_in(jax.random.key(seed + 1000), e))
-        if int(state.nonfinite_step) >= 0:
-            diverged_epoch = e
-            break
-        change = float(jnp.mean(metrics["final_loop_change"])) if "final_loop_change" in metrics else float("nan")
+    try:
+        for e in range(start, epochs):
+            state, metrics = epoch_fn(state, data[0], data[1], jax.random.fold_in(jax.random.key(seed + 1000), e))
+            if int(state.nonfinite_step) >= 0:
+                diverged_epoch = e
+                break
+            change = float(jnp.mean(metrics["final_loop_change"])) if "final_loop_change" in metrics else float("nan")
+            progress = {"wall_s": earlier_wall + time.perf_counter() - t0, "final_loop_change": change}
+            ckpt.save(e + 1, state, progress, force=True)
+    finally:  # an interrupted run still finishes writing its last epoch's (asynchronous) checkpoint
+        ckpt.close()
     acc, loss = eval_fn(state.params, data[2], data[3])
     acc = float(acc)
-    wall = time.perf_counter() - t0
+    wall = earlier_wall + time.perf_counter() - t0
     params = jax.device_get(state.params)
     diag = train.ei_metrics(params)
     row = {
@@ -218,6 +235,11 @@ def run_one(dataset, variant, seed, protocol, arrays, compiled_cache, out_path: 
         flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
         np.savez(out_path.with_name(f"{out_path.stem}_{dataset}_{variant}.npz"), **flat)
     return row
+
+
+def run_checkpoint_dir(out_path: Path, dataset: str, variant: str, seed: int) -> Path:
+    """Where a run's per-epoch checkpoints live while it is unfinished (beside the results file)."""
+    return out_path.with_name(f"{out_path.stem}_checkpoints") / f"{dataset}_{variant}_seed{seed}"
 
 
 def analyze_saved(
@@ -399,6 +421,7 @@ def main(argv=None) -> None:
                 row = run_one(dataset, variant, seed, protocol, arrays, cache, out, save_params=True)
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
+                shutil.rmtree(run_checkpoint_dir(out, dataset, variant, seed), ignore_errors=True)
                 acc = "diverged" if row["diverged"] else f"{row['val_accuracy']:.4f}"
                 print(f"{dataset:10s} {variant:18s} seed {seed}: {acc}  ({row['wall_s']:.1f} s)", flush=True)
         cache.clear()

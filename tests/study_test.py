@@ -1,6 +1,9 @@
 """The study driver (experiments/study.py) on its smoke protocol: rows, resume, tables."""
 
+import dataclasses
 import json
+
+import pytest
 
 from experiments import study
 
@@ -26,3 +29,43 @@ def test_study_smoke_resumes_and_tabulates(tmp_path, capsys):
     (tmp_path / "b.jsonl").write_text("\n".join(lines[2:]) + "\n")
     study.main(["--tables", f"{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}"])
     assert capsys.readouterr().out == table
+
+
+def test_a_killed_run_resumes_from_its_last_epoch_and_matches_an_uninterrupted_one(tmp_path, capsys):
+    protocol = dataclasses.replace(study.PROTOCOLS["smoke"], synthetic_epochs=2)
+    arrays, compiled = study.load_dataset("contour", protocol), {}  # one compilation for the three runs
+
+    def run(out):
+        return study.run_one("contour", "fcnn", 0, protocol, arrays, compiled, out, save_params=False)
+
+    uninterrupted = run(tmp_path / "a.jsonl")
+    model, mconfig, tx, mesh, epoch_fn, eval_fn, epochs = compiled[("contour", "fcnn")]
+    calls = []
+
+    def dies_in_epoch_two(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed in epoch 2")
+        return epoch_fn(*args)
+
+    compiled[("contour", "fcnn")] = (model, mconfig, tx, mesh, dies_in_epoch_two, eval_fn, epochs)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b.jsonl")
+    assert study.run_checkpoint_dir(tmp_path / "b.jsonl", "contour", "fcnn", 0).exists()
+    compiled[("contour", "fcnn")] = (model, mconfig, tx, mesh, epoch_fn, eval_fn, epochs)
+    resumed = run(tmp_path / "b.jsonl")
+    assert "resuming after epoch 1 of 2" in capsys.readouterr().out
+    assert resumed["val_loss"] == uninterrupted["val_loss"]
+    assert resumed["val_accuracy"] == uninterrupted["val_accuracy"]
+
+
+def test_tables_mark_variants_whose_seeds_ran_on_other_devices():
+    row = {
+        "dataset": "cifar10", "protocol": "gpu", "variant": "fcnn", "kind": "fcnn", "num_steps": 0,
+        "widths": [64, 128, 256], "val_accuracy": 0.6, "diverged": False, "num_params": 1, "wall_s": 1.0,
+        "device": "NVIDIA H200",
+    }  # fmt: skip
+    rows = [row, {**row, "val_accuracy": 0.62}, {**row, "device": "cpu", "dtype": "float32"}]
+    table = study.tables(rows)
+    assert "| fcnn | 60.67 ± 1.15 % | 3† |" in table
+    assert "† seeds run on more than one device/compute dtype: fcnn: NVIDIA H200 bfloat16, cpu float32." in table
