@@ -786,6 +786,11 @@ def unroll_unshared(
     ``a(t) = f(N_l(d + W_t * a(t-1)))`` with ``params.w_lat`` of shape ``[T, l, l, C, C]``; the same
     FLOPs as the weight-shared layer, T times the lateral parameters.
     """
+    if config.loop_kernel != "xla":
+        raise ValueError(
+            f"the unshared control runs its loops in XLA (one kernel per loop); got loop_kernel="
+            f"{config.loop_kernel!r}. Use loop_kernel='xla' for it."
+        )
     drive = afferent_drive(params, x, config)
     num_steps = params.w_lat.shape[0]
     a0 = initial_state(params, drive, config)

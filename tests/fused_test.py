@@ -109,6 +109,14 @@ def test_fused_kernel_says_what_it_cannot_run(key, config, channels, grad_mode, 
     assert "loop_kernel='xla'" in str(err.value)
 
 
+def test_unshared_control_refuses_the_fused_kernel(key):
+    config = LateralConfig(loop_kernel="pallas")
+    params = recurrence.init_params(key, in_channels=3, out_channels=16, config=config)
+    params = params._replace(w_lat=jnp.stack([params.w_lat, params.w_lat]))  # T = 2 kernels of their own
+    with pytest.raises(ValueError, match="the unshared control runs its loops in XLA"):
+        recurrence.unroll_unshared(params, jnp.zeros((1, 8, 8, 3)), config=config)
+
+
 def test_loop_kernel_choice_is_validated():
     with pytest.raises(ValueError, match="loop_kernel"):
         LateralConfig(loop_kernel="triton")
