@@ -385,7 +385,12 @@ def _loop_grad_kernel(
             for j in range(c // c_tile):
                 block = (pl.ds(p0, p_tile), pl.ds(j * c_tile, c_tile))
                 acc = _conv_tile(
-                    lambda rows, cols: gpre_ref[t - 1, rows, cols], w_ref, p0, j * c_tile, g, transpose=True
+                    lambda rows, cols: gpre_ref[t - 1, rows, cols].astype(dtype),
+                    w_ref,
+                    p0,
+                    j * c_tile,
+                    g,
+                    transpose=True,
                 )
                 if g.leak != 1.0:
                     gbar = gcarry_ref[block] + gout_ref[(t, *block)].astype(jnp.float32)
