@@ -370,7 +370,7 @@ def _loop_grad_kernel(
             # Pass C: ∂L/∂pre through the GroupNorm.
             def dpre_tile(i, carry):
                 rows = pl.ds(i * p_tile, p_tile)
-                xhat = (pre_ref[rows, :].astype(jnp.float32) - stats_ref[2, :][None, :]) * stats_ref[3, :][None, :]
+                xhat = _normalised(pre_ref[rows, :], stats_ref, scale_ref, bias_ref, dtype)[0]
                 u = gz_ref[rows, :] * scale_ref[...][None, :]
                 dpre = (u - stats_ref[4, :][None, :] - xhat * stats_ref[5, :][None, :]) * stats_ref[3, :][None, :]
                 gpre_ref[t - 1, pl.ds(g.margin + i * p_tile, p_tile), :] = dpre
