@@ -26,8 +26,8 @@ weight gradient of one convolution over the ``T·B`` pairs ``(a(t-1), ∂L/∂pr
 
 Backends: on GPU the kernel compiles through Pallas's Triton lowering; on CPU and TPU it runs in
 Pallas's interpreter (the same program, for tests; slow).  Constraints (checked, with a clear
-error): full mixing, one lateral kernel (no two-population form), ``C`` a power of two ≥ 16,
-``H·W`` divisible by the pixel tile.
+error): full mixing, one lateral kernel (no two-population form), ``C`` a power of two ≥ 16.  Any
+map size: ``H·W`` is rounded up to whole pixel tiles whose tail rows are kept at zero.
 
 Status: the numerics are tested against the XLA reference in interpret mode, and the tests check
 that the kernel lowers to a Triton call for CUDA; its speed on a GPU has not been measured yet
@@ -80,8 +80,17 @@ class LoopGeometry:
         return -(-need // self.pixel_tile) * self.pixel_tile
 
     @property
+    def tiles(self) -> int:
+        return -(-self.pixels // self.pixel_tile)
+
+    @property
+    def padded_pixels(self) -> int:
+        """``H·W`` rounded up to whole tiles; the tail rows past ``H·W`` are kept at zero."""
+        return self.tiles * self.pixel_tile
+
+    @property
     def rows(self) -> int:
-        return self.margin + self.pixels + self.margin
+        return self.margin + self.padded_pixels + self.margin
 
 
 def _is_pow2(n: int) -> bool:
@@ -90,7 +99,7 @@ def _is_pow2(n: int) -> bool:
 
 def check_supported(drive_shape: tuple[int, ...], config: rec.LateralConfig, has_inhibitory: bool) -> None:
     """Raises a ``ValueError`` saying why ``loop_kernel='pallas'`` cannot run this layer."""
-    _, h, w, c = drive_shape
+    c = drive_shape[-1]
     problems = []
     if config.mixing != "full":
         problems.append(f"mixing={config.mixing!r} (the kernel needs 'full')")
@@ -98,9 +107,6 @@ def check_supported(drive_shape: tuple[int, ...], config: rec.LateralConfig, has
         problems.append("a second (inhibitory) lateral kernel (the two-population form)")
     if not (_is_pow2(c) and c >= 16):
         problems.append(f"{c} channels (needs a power of two >= 16)")
-    tile = min(PIXEL_TILE, h * w)
-    if not _is_pow2(tile) or (h * w) % tile or tile < 16:
-        problems.append(f"a {h}x{w} map (H*W must be a multiple of {PIXEL_TILE}, or a power of two >= 16)")
     if config.loop_norm == "group" and not _is_pow2(c // config.num_groups):
         problems.append(f"{c // config.num_groups} channels per group (needs a power of two)")
     if problems:
@@ -123,7 +129,7 @@ def geometry(drive_shape: tuple[int, ...], config: rec.LateralConfig, num_steps:
         num_groups=groups,
         leak=float(config.leak),
         activation=config.activation,
-        pixel_tile=min(PIXEL_TILE, h * w),
+        pixel_tile=min(PIXEL_TILE, max(16, 1 << (h * w - 1).bit_length())),
         channel_tile=min(CHANNEL_TILE, c),
     )
 
@@ -140,6 +146,15 @@ def _taps(g: LoopGeometry) -> list[tuple[int, int]]:
     return [(dy, dx) for dy in range(-g.radius, g.radius + 1) for dx in range(-g.radius, g.radius + 1)]
 
 
+def _inside(values: jax.Array, p0, g: LoopGeometry) -> jax.Array:
+    """``values`` (a ``[P, ...]`` tile starting at pixel ``p0``) with its rows past ``H·W`` zeroed
+    (only the last tile has such rows, and only when ``H·W`` is not a whole number of tiles)."""
+    if g.padded_pixels == g.pixels:
+        return values
+    valid = (p0 + jnp.arange(g.pixel_tile, dtype=jnp.int32)) < g.pixels
+    return jnp.where(valid.reshape(-1, *([1] * (values.ndim - 1))), values, jnp.zeros_like(values))
+
+
 def _zero_margins(ref, num_slots: int, g: LoopGeometry) -> None:
     """Zeroes the margin rows of ``ref[0..num_slots)``, a ``[slots, rows, C]`` padded buffer."""
     p_tile = g.pixel_tile
@@ -148,7 +163,7 @@ def _zero_margins(ref, num_slots: int, g: LoopGeometry) -> None:
         def one(i, carry):
             zeros = jnp.zeros((p_tile, g.channels), ref.dtype)
             ref[t, pl.ds(i * p_tile, p_tile), :] = zeros
-            ref[t, pl.ds(g.margin + g.pixels + i * p_tile, p_tile), :] = zeros
+            ref[t, pl.ds(g.margin + g.padded_pixels + i * p_tile, p_tile), :] = zeros
             return carry
 
         return jax.lax.fori_loop(0, g.margin // p_tile, one, carry)
@@ -195,13 +210,13 @@ def _pre_pass(load_prev, d_ref, w_ref, store_pre, g: LoopGeometry):
             drive = d_ref[pl.ds(p0, p_tile), pl.ds(c0, c_tile)]
             pre = drive + acc.astype(drive.dtype)
             store_pre(pl.ds(p0, p_tile), pl.ds(c0, c_tile), pre)
-            pre32 = pre.astype(jnp.float32)
+            pre32 = _inside(pre.astype(jnp.float32), p0, g)  # moments over the image's pixels only
             s1, s2 = sums[j]
             new_sums.append((s1 + jnp.sum(pre32, axis=0), s2 + jnp.sum(pre32 * pre32, axis=0)))
         return tuple(new_sums)
 
     zero = jnp.zeros((c_tile,), jnp.float32)
-    return jax.lax.fori_loop(0, g.pixels // p_tile, tile, tuple((zero, zero) for _ in range(g.channels // c_tile)))
+    return jax.lax.fori_loop(0, g.tiles, tile, tuple((zero, zero) for _ in range(g.channels // c_tile)))
 
 
 def _group_means(stats_ref, src_rows: tuple[int, int], dst_rows: tuple[int, int], g: LoopGeometry, rsqrt: bool):
@@ -253,7 +268,7 @@ def _loop_kernel(a0_ref, d_ref, w_ref, scale_ref, bias_ref, states_ref, stats_re
         states_ref[0, pl.ds(g.margin + i * p_tile, p_tile), :] = a0_ref[pl.ds(i * p_tile, p_tile), :]
         return carry
 
-    jax.lax.fori_loop(0, g.pixels // p_tile, copy_a0, 0)
+    jax.lax.fori_loop(0, g.tiles, copy_a0, 0)
     _barrier(interpret)
 
     def one_loop(t, carry):
@@ -272,10 +287,10 @@ def _loop_kernel(a0_ref, d_ref, w_ref, scale_ref, bias_ref, states_ref, stats_re
             new = rec.activate(z, g.activation)
             if g.leak != 1.0:
                 new = ((1.0 - g.leak) * states_ref[t - 1, rows, :] + g.leak * new).astype(dtype)
-            states_ref[t, rows, :] = new
+            states_ref[t, rows, :] = _inside(new, i * p_tile, g)  # tail rows stay zero padding
             return carry
 
-        jax.lax.fori_loop(0, g.pixels // p_tile, out_tile, 0)
+        jax.lax.fori_loop(0, g.tiles, out_tile, 0)
         _barrier(interpret)
         return carry
 
@@ -313,7 +328,7 @@ def _loop_grad_kernel(
         ∂L/∂a(t-1) = (1 − α) ḡ + Σ_δ ∂L/∂pre[p − δ] · W[δ]ᵀ + ∂L/∂a(t-1) from the output
     """
     p_tile, c_tile, c = g.pixel_tile, g.channel_tile, g.channels
-    n_tiles = g.pixels // p_tile
+    n_tiles = g.tiles
     dtype = states_ref.dtype
     _zero_margins(gpre_ref, g.num_steps, g)
 
@@ -343,7 +358,7 @@ def _loop_grad_kernel(
             else:
                 z = pre
             act_vjp = jax.vjp(lambda v: rec.activate(v, g.activation), z.astype(jnp.float32))[1]
-            gz = g.leak * act_vjp(gbar)[0]
+            gz = _inside(g.leak * act_vjp(gbar)[0], i * p_tile, g)
             if not g.num_groups:
                 gpre_ref[t - 1, pl.ds(g.margin + i * p_tile, p_tile), :] = gz
                 return carry
@@ -373,7 +388,7 @@ def _loop_grad_kernel(
                 xhat = _normalised(pre_ref[rows, :], stats_ref, scale_ref, bias_ref, dtype)[0]
                 u = gz_ref[rows, :] * scale_ref[...][None, :]
                 dpre = (u - stats_ref[4, :][None, :] - xhat * stats_ref[5, :][None, :]) * stats_ref[3, :][None, :]
-                gpre_ref[t - 1, pl.ds(g.margin + i * p_tile, p_tile), :] = dpre
+                gpre_ref[t - 1, pl.ds(g.margin + i * p_tile, p_tile), :] = _inside(dpre, i * p_tile, g)
                 return carry
 
             jax.lax.fori_loop(0, n_tiles, dpre_tile, 0)
@@ -437,14 +452,21 @@ def _shared(*shape) -> pl.BlockSpec:
     return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
 
 
+def _flat_pixels(x: jax.Array, g: LoopGeometry) -> jax.Array:
+    """``[..., H, W, C]`` → ``[..., H·W rounded up to whole tiles, C]`` (zero tail rows)."""
+    flat = x.reshape(*x.shape[:-3], g.pixels, g.channels)
+    pad = [(0, 0)] * (flat.ndim - 2) + [(0, g.padded_pixels - g.pixels), (0, 0)]
+    return jnp.pad(flat, pad) if g.padded_pixels != g.pixels else flat
+
+
 def _kernel_args(drive, w_lat, g: LoopGeometry):
     taps, c = (2 * g.radius + 1) ** 2, g.channels
-    return drive.reshape(drive.shape[0], g.pixels, c), w_lat.astype(drive.dtype).reshape(taps, c, c)
+    return _flat_pixels(drive, g), w_lat.astype(drive.dtype).reshape(taps, c, c)
 
 
 def _call_kernel(a0, drive, w_lat, scale, bias, g: LoopGeometry, interpret: bool) -> jax.Array:
     """The padded states ``[T+1, B, rows, C]`` (see the module docstring)."""
-    b, c, hw, taps = drive.shape[0], g.channels, g.pixels, (2 * g.radius + 1) ** 2
+    b, c, hw, taps = drive.shape[0], g.channels, g.padded_pixels, (2 * g.radius + 1) ** 2
     d, w = _kernel_args(drive, w_lat, g)
     states, _ = pl.pallas_call(
         functools.partial(_loop_kernel, g=g, interpret=interpret),
@@ -458,13 +480,13 @@ def _call_kernel(a0, drive, w_lat, scale, bias, g: LoopGeometry, interpret: bool
         interpret=interpret,
         name="lateral_loops",
         **_compiler_params(interpret),
-    )(a0.reshape(b, hw, c), d, w, scale, bias)
+    )(_flat_pixels(a0, g), d, w, scale, bias)
     return states
 
 
 def _call_grad_kernel(states, drive, w_lat, scale, bias, g_states, g: LoopGeometry, interpret: bool):
     """``(∂L/∂pre(1..T) [T, B, rows, C] padded, ∂L/∂a(0) [B, HW, C], (∂L/∂γ, ∂L/∂β) [B, 2, C])``."""
-    b, c, hw, taps, t = drive.shape[0], g.channels, g.pixels, (2 * g.radius + 1) ** 2, g.num_steps
+    b, c, hw, taps, t = drive.shape[0], g.channels, g.padded_pixels, (2 * g.radius + 1) ** 2, g.num_steps
     d, w = _kernel_args(drive, w_lat, g)
     f32 = jnp.float32
     gpre, ga0, gnorm, *_ = pl.pallas_call(
@@ -499,7 +521,7 @@ def _call_grad_kernel(states, drive, w_lat, scale, bias, g_states, g: LoopGeomet
         interpret=interpret,
         name="lateral_loops_grad",
         **_compiler_params(interpret),
-    )(states, d, w, scale, bias, g_states.reshape(t + 1, b, hw, c))
+    )(states, d, w, scale, bias, _flat_pixels(g_states, g))
     return gpre, ga0, gnorm
 
 
@@ -534,7 +556,7 @@ def _fused_states_bwd(g, conv_algorithm, interpret, residuals, g_states):
 
     g_w = jax.vjp(conv, w_lat.astype(drive.dtype))[1](gpre.reshape(flat))[0].astype(w_lat.dtype)
     g_d = jnp.sum(gpre.astype(jnp.float32), axis=0).astype(drive.dtype)
-    g_a0 = ga0.reshape(drive.shape).astype(drive.dtype)
+    g_a0 = ga0[:, : g.pixels].reshape(drive.shape).astype(drive.dtype)
     g_scale, g_bias = jnp.sum(gnorm[:, 0], axis=0).astype(scale.dtype), jnp.sum(gnorm[:, 1], axis=0).astype(bias.dtype)
     return g_a0, g_d, g_w, g_scale, g_bias
 
