@@ -280,7 +280,7 @@ def main(argv=None) -> None:
         "--loop-kernel",
         default="xla",
         help="comma-separated LateralConfig.loop_kernel values: xla,pallas (the fused Pallas loop kernel; "
-        "grad mode 'full' only; interpreted, so very slow, off GPU)",
+        "grad mode 'full' only; off GPU it runs in Pallas's interpreter, slower than XLA)",
     )
     p.add_argument(
         "--devices",
