@@ -308,6 +308,8 @@ def main(argv=None) -> None:
         "backend": jax.default_backend(),
         "devices": len(jax.devices()),
         "cpus": os.cpu_count(),
+        # The allocator matters on CPU: XLA maps a fresh temp buffer per step (see the README).
+        **{k.lower(): os.environ[k] for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if os.environ.get(k)},
     }
     print(json.dumps({"env": header}), flush=True)
     rows: list[dict] = []
@@ -319,7 +321,7 @@ def main(argv=None) -> None:
             rows.append(row)
     if args.out:
         with open(args.out, "a") as f:
-            for r in rows:
+            for r in [{"env": header}, *rows]:
                 f.write(json.dumps(r) + "\n")
 
 
