@@ -294,8 +294,9 @@ def test_cifar10_smoke_on_the_shared_archive(tmp_path):
     kept = collections.Counter()
     with tarfile.open(cifar10.ARCHIVE) as src, tarfile.open(excerpt, "w:gz") as dst:
         for member in src:
-            if member.isfile() and kept[Path(member.name).parent.name] < 100:
-                kept[Path(member.name).parent.name] += 1
+            label = Path(member.name).parent.name
+            if member.isfile() and kept[label] < 100:
+                kept[label] += 1
                 dst.addfile(member, src.extractfile(member))
     assert len(kept) == 10 and set(kept.values()) == {100}
     cfg = cifar10.get_config("smoke")
