@@ -111,8 +111,8 @@ class LateralConfig:
         starts near the F-CNN (0 gives an all-zero lateral kernel).
       conv_algorithm: how the 3×3 convolutions are computed. ``"xla"``: ``lax.conv_general_dilated``
         (the reference). ``"winograd"``: :func:`lateral_jax.winograd.conv3x3`, F(2×2, 3×3) with
-        2.25× fewer multiplications (F(4×4, 3×3), 4× fewer, on maps ≥ 32×32; see
-        :func:`winograd_tile`) and a hand-written VJP (no forward-mode AD). ``"auto"``
+        2.25× fewer multiplications (F(4×4, 3×3), 4× fewer, on maps ≥ 32×32 or with ≥ 256
+        channels; see :func:`winograd_tile`) and a hand-written VJP (no forward-mode AD). ``"auto"``
         (default): Winograd for large (batch·H·W·C_in·C_out ≥ 2^27, C_in ≥ 16) full-mixing 3×3
         convolutions in float32/64 on CPU, where it is 2× faster; XLA everywhere else.
       loop_kernel: ``"xla"`` (default, the reference): the loops are a ``lax.scan`` of XLA ops.
@@ -271,16 +271,23 @@ def init_params(
 # convolutions are 2^29; the 16/32/32 contour model's are 2^25 and stay on XLA).
 WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MIN_SIZE = 1 << 27
-# F(2×2, 3×3) (float32 error ~1e-6 of the output scale) on small maps; F(4×4, 3×3) (1.78× fewer
+# F(2×2, 3×3) (float32 error ~1e-6 of the output scale) by default; F(4×4, 3×3) (1.78× fewer
 # multiplications, ~1e-5 error) on maps of at least WINOGRAD_TILE4_MIN_SIZE in both dimensions,
-# where the train step was ~10% faster (on 16×16 maps the larger transforms ate the gain).
+# where the train step was ~10% faster, and on any map (a multiple of 4) when both channel
+# counts are at least WINOGRAD_TILE4_MIN_CHANNELS: there the matmuls outweigh the larger
+# transforms (the workload's 8×8×256 layer, 4 loops with gradients: 312 instead of 374 ms).  On
+# 16×16×128 maps the two tiles tied, so thinner layers keep F(2×2).
 WINOGRAD_TILE4_MIN_SIZE = 32
+WINOGRAD_TILE4_MIN_CHANNELS = 256
 
 
-def winograd_tile(height: int, width: int) -> int:
-    """The F(m×m, 3×3) output tile ``m`` that :func:`conv` uses for a ``height × width`` map."""
-    big = min(height, width) >= WINOGRAD_TILE4_MIN_SIZE and height % 4 == 0 and width % 4 == 0
-    return 4 if big else 2
+def winograd_tile(height: int, width: int, in_channels: int = 0, out_channels: int = 0) -> int:
+    """The F(m×m, 3×3) output tile ``m`` that :func:`conv` uses for a ``height × width`` map
+    from ``in_channels`` to ``out_channels`` channels (see :data:`WINOGRAD_TILE4_MIN_SIZE`)."""
+    if height % 4 or width % 4:
+        return 2  # no padded F(4×4) tiles
+    wide = min(in_channels, out_channels) >= WINOGRAD_TILE4_MIN_CHANNELS
+    return 4 if wide or min(height, width) >= WINOGRAD_TILE4_MIN_SIZE else 2
 
 
 def use_winograd(x: jax.Array, w: jax.Array, algorithm: ConvAlgorithm, *, depthwise: bool = False) -> bool:
@@ -315,7 +322,7 @@ def conv(
     ``algorithm`` as in :attr:`LateralConfig.conv_algorithm`; ``"xla"`` is the reference.
     """
     if use_winograd(x, w, algorithm, depthwise=depthwise):
-        return winograd.conv3x3(x, w, tile=winograd_tile(x.shape[1], x.shape[2]))
+        return winograd.conv3x3(x, w, tile=winograd_tile(*x.shape[1:], w.shape[-1]))
     return jax.lax.conv_general_dilated(
         x,
         w.astype(x.dtype),

@@ -31,8 +31,8 @@ make it fast on XLA:CPU, where large elementwise passes are memory-bound:
 ``conv3x3(..., tile=4)`` is F(4×4, 3×3) (Lavin's 6×6 transforms): 36 multiply-adds per 16 outputs
 (4× fewer than direct) but about 10× the float32 rounding error (still ≤ 1e-4 of the output
 scale); :func:`lateral_jax.recurrence.winograd_tile` uses it on maps of at least 32×32, where the
-train step was about 10 % faster, and ``tile=2`` on smaller maps, where the larger transforms
-ate the gain.
+train step was about 10 % faster, and on smaller maps only between layers of ≥ 256 channels, whose
+matmuls outweigh the larger transforms; ``tile=2`` elsewhere (on 16×16×128 maps the two tied).
 
 Forward-mode differentiation (``jax.jvp``) is not defined for a ``custom_vjp`` function; use
 ``LateralConfig(conv_algorithm="xla")`` for that.

@@ -113,10 +113,13 @@ def test_winograd_rejects_bad_input_with_a_fix():
         winograd.conv3x3(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2)), tile=3)
 
 
-def test_winograd_tile_is_4_on_maps_of_32_and_more(key):
+def test_winograd_tile_is_4_on_maps_of_32_and_more_or_256_channels(key):
     assert recurrence.winograd_tile(32, 32) == 4 and recurrence.winograd_tile(64, 48) == 4
     assert recurrence.winograd_tile(16, 16) == 2 and recurrence.winograd_tile(32, 16) == 2
     assert recurrence.winograd_tile(34, 34) == 2  # not a multiple of 4: no padded F(4×4) tiles
+    assert recurrence.winograd_tile(8, 8, 256, 256) == 4 and recurrence.winograd_tile(16, 16, 512, 256) == 4
+    assert recurrence.winograd_tile(8, 8, 128, 256) == 2 and recurrence.winograd_tile(16, 16, 128, 128) == 2
+    assert recurrence.winograd_tile(6, 6, 256, 256) == 2
     x = jax.random.normal(key, (1, 32, 32, 3))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 2)) / 5.0
     f4 = jax.jit(lambda x, w: recurrence.conv(x, w, algorithm="winograd"))
@@ -124,6 +127,9 @@ def test_winograd_tile_is_4_on_maps_of_32_and_more(key):
     tiled = jax.jit(winograd.conv3x3, static_argnames="tile")
     chex.assert_trees_all_equal(f4(x, w), tiled(x, w, tile=4))  # the F(4×4) path was taken ...
     assert not np.array_equal(f4(x, w), tiled(x, w, tile=2))  # ... which rounds differently from F(2×2)
+    x, w = jax.random.normal(key, (2, 8, 8, 256)), jax.random.normal(key, (3, 3, 256, 256)) / 48.0
+    assert rel_err(f4(x, w), direct(x, w)) < 1e-4
+    chex.assert_trees_all_equal(f4(x, w), tiled(x, w, tile=4))  # wide layers take F(4×4) on 8×8 maps
 
 
 def test_conv_algorithm_choice(key):
