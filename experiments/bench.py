@@ -170,6 +170,18 @@ def run_config(
     return row
 
 
+def host_cpu() -> str:
+    """The host CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def run_torch(python: str, peer: str, batch: int, num_steps: int, iters: int, extra: list[str], device: str) -> dict:
     cmd = [
         python,
@@ -307,7 +319,9 @@ def main(argv=None) -> None:
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "devices": len(jax.devices()),
+        "device_kind": jax.devices()[0].device_kind,
         "cpus": os.cpu_count(),
+        "cpu_model": host_cpu(),
         # The allocator matters on CPU: XLA maps a fresh temp buffer per step (see the README).
         **{k.lower(): os.environ[k] for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if os.environ.get(k)},
     }

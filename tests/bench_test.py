@@ -18,6 +18,7 @@ def test_bench_rows_and_conv_algorithms_agree(capsys):
     bench.main(["--batch", "2", "--steps", "0", "--conv-algorithm", "xla,winograd", "--iters", "1", "--warmup", "0"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert rows[0]["env"]["backend"] == "cpu"
+    assert rows[0]["env"]["cpu_model"] == bench.host_cpu() != ""  # the machine is recorded with the numbers
     runs = {r["conv_algorithm"]: r for r in rows[1:]}
     assert set(runs) == {"xla", "winograd"}
     for r in runs.values():
