@@ -319,7 +319,6 @@ def main(argv=None) -> None:
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "devices": len(jax.devices()),
-        "device_kind": jax.devices()[0].device_kind,
         "cpus": os.cpu_count(),
         "cpu_model": host_cpu(),
         # The allocator matters on CPU: XLA maps a fresh temp buffer per step (see the README).
