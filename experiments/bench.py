@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import peer_stepper
 from lateral_jax import models, train
 from lateral_jax.recurrence import LateralConfig
 
@@ -82,18 +83,20 @@ def device_peak_tflops(dtype: str) -> float | None:
     return None
 
 
-def run_config(
+def build_config(
     batch: int,
     num_steps: int,
     grad_mode: str,
     dtype: str,
-    iters: int,
-    memory_only: bool,
     args,
     conv_algorithm="auto",
     num_devices: int = 1,
     loop_kernel: str = "xla",
-) -> dict:
+):
+    """One configuration's compiled train step and its inputs: ``(row, compiled, state, data)``.
+
+    ``row`` holds the configuration, the compile time and XLA's memory plan.
+    """
     if num_devices > len(jax.devices()) or batch % num_devices:
         raise ValueError(
             f"--devices {num_devices} needs that many devices (found {len(jax.devices())}; on CPU set "
@@ -146,6 +149,25 @@ def run_config(
         "xla_temp_mib": None if mem is None else round(mem.temp_size_in_bytes / 2**20, 1),
         "train_gflop_per_image": round(flops_per_image(num_steps) / 1e9, 3),
     }
+    return row, compiled, state, data
+
+
+def run_config(
+    batch: int,
+    num_steps: int,
+    grad_mode: str,
+    dtype: str,
+    iters: int,
+    memory_only: bool,
+    args,
+    conv_algorithm="auto",
+    num_devices: int = 1,
+    loop_kernel: str = "xla",
+) -> dict:
+    """One configuration's row: :func:`build_config`, then (unless ``memory_only``) ``iters`` timed steps."""
+    row, compiled, state, data = build_config(
+        batch, num_steps, grad_mode, dtype, args, conv_algorithm, num_devices, loop_kernel
+    )
     if memory_only:
         return row
     for _ in range(args.warmup):
@@ -253,6 +275,82 @@ def measure_round(args, rnd: int, rows: list[dict]) -> None:
                     rows.append(ratio)
 
 
+def _ask(peer: subprocess.Popen, line: str) -> dict:
+    peer.stdin.write(line + "\n")
+    peer.stdin.flush()
+    reply = peer.stdout.readline()
+    if not reply:
+        raise RuntimeError(f"the peer stepper exited (rc {peer.wait()}): {peer.stderr.read().strip()[-2000:]}")
+    return json.loads(reply)
+
+
+def _alternate(compiled, state, data, peer: subprocess.Popen, pairs: int, rows: list[dict]):
+    """``pairs`` single steps of ours (after one warm-up step) and of the peer, alternating who goes first."""
+    state, metrics = compiled(state, data)
+    jax.block_until_ready(state)
+    ours_s, peer_s = [], []
+    for pair in range(pairs):
+        if pair % 2:
+            peer_s.append(_ask(peer, "1")["seconds"])
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, data)
+        jax.block_until_ready(state)
+        ours_s.append(time.perf_counter() - t0)
+        if not pair % 2:
+            peer_s.append(_ask(peer, "1")["seconds"])
+        line = {"pair": pair, "ours_s": round(ours_s[-1], 4), "peer_s": round(peer_s[-1], 4)}
+        line["speedup"] = round(peer_s[-1] / ours_s[-1], 3)
+        print(json.dumps(line), flush=True)
+        rows.append(line)
+    return ours_s, peer_s, metrics
+
+
+def measure_paired(args, rows: list[dict]) -> None:
+    """``--paired N``: each configuration of ours against PyTorch eager, one step each, alternating.
+
+    The peer's model lives in a child process (``experiments/peer_stepper.py`` run by
+    ``--torch-python``), so the two train steps alternate seconds apart and a slow minute of a
+    shared machine slows both; who goes first alternates too.  Prints one row per pair and a
+    summary (:func:`experiments.peer_stepper.paired_summary`: median per-pair ratio, quartiles,
+    sign test).  CPU only: the stepper runs the peer's fp32 eager step.
+    """
+    if jax.default_backend() != "cpu":
+        raise ValueError("--paired compares with PyTorch eager on the CPU; on a GPU use --vs-torch --rounds N.")
+    stepper = Path(__file__).with_name("peer_stepper.py")
+    for batch, num_steps in itertools.product(map(int, args.batch.split(",")), map(int, args.steps.split(","))):
+        cmd = [args.torch_python, str(stepper), args.torch_peer, "--batch", str(batch), "--steps", str(num_steps)]
+        peer = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            ready = json.loads(peer.stdout.readline() or "null")
+            if not ready:
+                raise RuntimeError(f"the peer stepper did not start: {peer.stderr.read().strip()[-2000:]}")
+            for dtype, mode, algorithm, devices in itertools.product(
+                args.dtype.split(","),
+                args.grad_modes.split(","),
+                args.conv_algorithm.split(","),
+                map(int, args.devices.split(",")),
+            ):
+                row, compiled, state, data = build_config(batch, num_steps, mode, dtype, args, algorithm, devices)
+                ours_s, peer_s, metrics = _alternate(compiled, state, data, peer, args.paired, rows)
+                summary = {
+                    "paired_ratio_vs": "torch-eager",
+                    "torch": ready.get("torch"),
+                    "torch_threads": ready.get("threads"),
+                    **{k: row[k] for k in ("batch", "steps", "grad_mode", "dtype", "conv_algorithm", "devices")},
+                    "compile_s": row["compile_s"],
+                    "xla_temp_mib": row["xla_temp_mib"],
+                    "loss": float(metrics["loss"]),
+                    **peer_stepper.paired_summary(ours_s, peer_s, batch),
+                }
+                print(json.dumps(summary), flush=True)
+                rows.append(summary)
+        finally:
+            if peer.poll() is None:
+                peer.stdin.write("quit\n")
+                peer.stdin.close()
+                peer.wait(timeout=60)
+
+
 def median_ratios(rows: list[dict]) -> list[dict]:
     """The median over rounds of every (ours, peer, batch, T) ratio, with its range."""
     groups: dict[tuple, list[float]] = {}
@@ -312,6 +410,14 @@ def main(argv=None) -> None:
         help="repeat every measurement (ours, then the peer) this many times and print the median ratios; "
         "on a shared machine single runs drift by ±15%%",
     )
+    p.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        metavar="N",
+        help="CPU: N single steps of ours and of PyTorch eager, alternating (the peer kept alive in a "
+        "child process); prints per-pair ratios, their median and a sign test. Replaces --vs-torch/--rounds",
+    )
     p.add_argument("--out", default=None, help="append the JSON lines to this file too")
     args = p.parse_args(argv)
     header = {
@@ -326,7 +432,9 @@ def main(argv=None) -> None:
     }
     print(json.dumps({"env": header}), flush=True)
     rows: list[dict] = []
-    for rnd in range(args.rounds):
+    if args.paired:
+        measure_paired(args, rows)
+    for rnd in range(0 if args.paired else args.rounds):
         measure_round(args, rnd, rows)
     if args.rounds > 1:
         for row in median_ratios(rows):

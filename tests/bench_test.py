@@ -52,3 +52,75 @@ def test_bench_splits_the_batch_over_devices(capsys):
     assert row["devices"] == 2 and row["batch"] == 4 and row["xla_peak_mib"] > 0
     with pytest.raises(ValueError, match="--devices 2 needs .* a batch divisible by it \\(got 3\\)"):
         bench.main(["--batch", "3", "--steps", "1", "--devices", "2", "--memory-only"])
+
+
+def test_sign_test_and_paired_summary_numbers():
+    from experiments import peer_stepper
+
+    assert peer_stepper.sign_test_p(10, 10) == pytest.approx(2 / 1024)  # all ten pairs one way
+    assert peer_stepper.sign_test_p(8, 10) == pytest.approx(2 * (45 + 10 + 1) / 1024)
+    assert peer_stepper.sign_test_p(5, 10) == 1.0 and peer_stepper.sign_test_p(0, 0) == 1.0
+    ours, peer = [1.0, 2.0, 1.0, 1.0], [1.5, 2.2, 0.9, 1.2]  # per-pair speed-ups 1.5, 1.1, 0.9, 1.2
+    summary = peer_stepper.paired_summary(ours, peer, batch=128)
+    assert summary["pairs"] == 4 and summary["ours_faster_in"] == 3
+    assert summary["median_ratio"] == pytest.approx(1.15)
+    assert summary["q25"] == pytest.approx(1.05) and summary["q75"] == pytest.approx(1.275)
+    assert summary["sign_test_p"] == pytest.approx(0.625)
+    assert summary["ours_images_per_s"] == pytest.approx(128.0) and summary["peer_images_per_s"] == pytest.approx(
+        128 / 1.35, abs=0.05
+    )
+    with pytest.raises(ValueError, match="equally many paired timings, got 2 and 1"):
+        peer_stepper.paired_summary([1.0, 1.0], [1.0], batch=1)
+
+
+def test_stepper_protocol_runs_the_requested_steps():
+    import io
+
+    from experiments import peer_stepper
+
+    calls = []
+    replies = io.StringIO()
+    total = peer_stepper.serve(lambda: calls.append(1) or 0.25 * len(calls), io.StringIO("2\nx\n3\nquit\n9\n"), replies)
+    lines = [json.loads(line) for line in replies.getvalue().splitlines()]
+    assert total == 5 and len(calls) == 5  # "9" after "quit" is never run
+    assert lines[0]["loss"] == 0.5 and lines[2]["loss"] == 1.25 and lines[0]["seconds"] >= 0
+    assert lines[1] == {"error": "expected a positive step count or 'quit', got 'x'"}
+
+
+def test_paired_steps_alternate_with_a_live_child_process(capsys):
+    """bench's alternation against a real child process speaking the stepper protocol (a pure-Python
+    step that sleeps 10 ms, so the test needs no torch), and the train step really advancing."""
+    import subprocess
+    import sys
+
+    import jax
+    import jax.numpy as jnp
+
+    child = (
+        "import sys, time, json; from experiments.peer_stepper import serve; "
+        "print(json.dumps({'ready': True}), flush=True); serve(lambda: time.sleep(0.01) or 1.0, sys.stdin, sys.stdout)"
+    )
+    peer = subprocess.Popen(
+        [sys.executable, "-c", child], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert json.loads(peer.stdout.readline()) == {"ready": True}
+    step = jax.jit(lambda s, d: (s + d, {"loss": s.sum()})).lower(jnp.zeros(3), jnp.ones(3)).compile()
+    rows: list[dict] = []
+    ours_s, peer_s, metrics = bench._alternate(step, jnp.zeros(3), jnp.ones(3), peer, 4, rows)
+    peer.stdin.write("quit\n")
+    peer.stdin.close()
+    assert peer.wait(timeout=30) == 0
+    assert float(metrics["loss"]) == 12.0  # warm-up + 4 timed steps; the loss is the state before the 5th
+    assert len(ours_s) == len(peer_s) == 4 and all(t >= 0.01 for t in peer_s)
+    assert [r["pair"] for r in rows] == [0, 1, 2, 3]
+    assert [r["speedup"] for r in rows] == [round(p / o, 3) for p, o in zip(peer_s, ours_s, strict=True)]
+    assert capsys.readouterr().out.count('"pair"') == 4
+
+
+def test_paired_mode_against_the_torch_peer(capsys):
+    pytest.importorskip("torch", reason="PyTorch is not installed here (the peer comparison needs it)")
+    if not bench.TORCH_PEER.exists():
+        pytest.skip(f"{bench.TORCH_PEER} is absent")
+    bench.main(["--batch", "2", "--steps", "1", "--paired", "2", "--conv-algorithm", "xla"])
+    (summary,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if "paired_ratio_vs" in line]
+    assert summary["pairs"] == 2 and summary["batch"] == 2 and summary["ours_images_per_s"] > 0
