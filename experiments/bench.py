@@ -284,29 +284,36 @@ def _ask(peer: subprocess.Popen, line: str) -> dict:
     return json.loads(reply)
 
 
-def _alternate(compiled, state, data, peer: subprocess.Popen, pairs: int, rows: list[dict]):
-    """``pairs`` single steps of ours (after one warm-up step) and of the peer, alternating who goes first."""
+def _alternate(compiled, state, data, peer: subprocess.Popen, pairs: int, block: int, rows: list[dict]):
+    """``pairs`` blocks of ``block`` steps of ours and of the peer, alternating who goes first.
+
+    Returns the per-step seconds of every block, ``(ours, peer)``, each ``[pairs][block]``, and the
+    last metrics.  One warm-up step of ours comes first.
+    """
     state, metrics = compiled(state, data)
     jax.block_until_ready(state)
     ours_s, peer_s = [], []
     for pair in range(pairs):
         if pair % 2:
-            peer_s.append(_ask(peer, "1")["seconds"])
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, data)
-        jax.block_until_ready(state)
-        ours_s.append(time.perf_counter() - t0)
+            peer_s.append(_ask(peer, str(block))["seconds"])
+        times = []
+        for _ in range(block):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, data)
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - t0)
+        ours_s.append(times)
         if not pair % 2:
-            peer_s.append(_ask(peer, "1")["seconds"])
-        line = {"pair": pair, "ours_s": round(ours_s[-1], 4), "peer_s": round(peer_s[-1], 4)}
-        line["speedup"] = round(peer_s[-1] / ours_s[-1], 3)
+            peer_s.append(_ask(peer, str(block))["seconds"])
+        line = {"pair": pair, "ours_s": [round(t, 4) for t in times], "peer_s": [round(t, 4) for t in peer_s[-1]]}
+        line["speedup"] = round(float(np.mean(peer_s[-1]) / np.mean(times)), 3)
         print(json.dumps(line), flush=True)
         rows.append(line)
     return ours_s, peer_s, metrics
 
 
 def measure_paired(args, rows: list[dict]) -> None:
-    """``--paired N``: each configuration of ours against PyTorch eager, one step each, alternating.
+    """``--paired N``: each configuration of ours against PyTorch eager in N pairs of step blocks.
 
     The peer's model lives in a child process (``experiments/peer_stepper.py`` run by
     ``--torch-python``), so the two train steps alternate seconds apart and a slow minute of a
@@ -331,7 +338,7 @@ def measure_paired(args, rows: list[dict]) -> None:
                 map(int, args.devices.split(",")),
             ):
                 row, compiled, state, data = build_config(batch, num_steps, mode, dtype, args, algorithm, devices)
-                ours_s, peer_s, metrics = _alternate(compiled, state, data, peer, args.paired, rows)
+                ours_s, peer_s, metrics = _alternate(compiled, state, data, peer, args.paired, args.paired_block, rows)
                 summary = {
                     "paired_ratio_vs": "torch-eager",
                     "torch": ready.get("torch"),
@@ -340,8 +347,15 @@ def measure_paired(args, rows: list[dict]) -> None:
                     "compile_s": row["compile_s"],
                     "xla_temp_mib": row["xla_temp_mib"],
                     "loss": float(metrics["loss"]),
-                    **peer_stepper.paired_summary(ours_s, peer_s, batch),
+                    "block": args.paired_block,
+                    **peer_stepper.paired_summary(
+                        [float(np.mean(t)) for t in ours_s], [float(np.mean(t)) for t in peer_s], batch
+                    ),
                 }
+                if args.paired_block > 1:  # the same without each block's first step (caches cold after a switch)
+                    summary["warm"] = peer_stepper.paired_summary(
+                        [float(np.mean(t[1:])) for t in ours_s], [float(np.mean(t[1:])) for t in peer_s], batch
+                    )
                 print(json.dumps(summary), flush=True)
                 rows.append(summary)
         finally:
@@ -415,8 +429,16 @@ def main(argv=None) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="CPU: N single steps of ours and of PyTorch eager, alternating (the peer kept alive in a "
-        "child process); prints per-pair ratios, their median and a sign test. Replaces --vs-torch/--rounds",
+        help="CPU: N pairs of step blocks of ours and of PyTorch eager, alternating (the peer kept alive in "
+        "a child process); prints per-pair speed-ups, their median and a sign test. Replaces --vs-torch/--rounds",
+    )
+    p.add_argument(
+        "--paired-block",
+        type=int,
+        default=3,
+        metavar="K",
+        help="with --paired: steps per side in each pair (the summary also reports the pairs without each "
+        "block's first step)",
     )
     p.add_argument("--out", default=None, help="append the JSON lines to this file too")
     args = p.parse_args(argv)

@@ -6,7 +6,7 @@ script keeps the peer's model and optimiser alive in a child process and runs it
 whenever the benchmark asks, so ours and the peer's steps alternate a few seconds apart::
 
     python experiments/peer_stepper.py <torch_peer.py> --batch 128 --steps 4
-    stdin:  "3\\n"   → runs 3 steps, answers {"seconds": 4.61, "loss": 2.30}
+    stdin:  "3\\n"   → runs 3 steps, answers {"seconds": [1.57, 1.52, 1.52], "loss": 2.30}
     stdin:  "quit\\n" (or end of input) → exits
 
 The model, optimiser, data and loss are built by the peer's own code (``LCCNN``, its E/I
@@ -32,7 +32,7 @@ import numpy as np
 def serve(step: Callable[[], float], commands: IO[str], replies: IO[str]) -> int:
     """Answers each line ``k`` of ``commands`` by running ``step`` k times; returns the steps run.
 
-    Each reply is one JSON line ``{"seconds": wall time of the k steps, "loss": the last loss}``.
+    Each reply is one JSON line ``{"seconds": [wall time of each of the k steps], "loss": the last loss}``.
     A line ``quit`` or the end of ``commands`` stops the loop; anything else is an error reply.
     """
     total = 0
@@ -44,13 +44,14 @@ def serve(step: Callable[[], float], commands: IO[str], replies: IO[str]) -> int
             replies.write(json.dumps({"error": f"expected a positive step count or 'quit', got {line!r}"}) + "\n")
             replies.flush()
             continue
-        k = int(line)
-        t0 = time.perf_counter()
-        for _ in range(k):
+        seconds = []
+        for _ in range(int(line)):
+            t0 = time.perf_counter()
             loss = step()
-        replies.write(json.dumps({"seconds": time.perf_counter() - t0, "loss": loss}) + "\n")
+            seconds.append(time.perf_counter() - t0)
+        replies.write(json.dumps({"seconds": seconds, "loss": loss}) + "\n")
         replies.flush()
-        total += k
+        total += len(seconds)
     return total
 
 
@@ -81,7 +82,7 @@ def paired_summary(ours_s: list[float], peer_s: list[float], batch: int) -> dict
         "q25": round(float(np.quantile(ratios, 0.25)), 3),
         "q75": round(float(np.quantile(ratios, 0.75)), 3),
         "ours_faster_in": wins,
-        "sign_test_p": round(sign_test_p(wins, len(ratios)), 4),
+        "sign_test_p": float(f"{sign_test_p(wins, len(ratios)):.3g}"),
         "ours_images_per_s": round(batch / float(np.median(ours_s)), 1),
         "peer_images_per_s": round(batch / float(np.median(peer_s)), 1),
     }

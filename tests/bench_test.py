@@ -66,6 +66,7 @@ def test_sign_test_and_paired_summary_numbers():
     assert summary["median_ratio"] == pytest.approx(1.15)
     assert summary["q25"] == pytest.approx(1.05) and summary["q75"] == pytest.approx(1.275)
     assert summary["sign_test_p"] == pytest.approx(0.625)
+    assert peer_stepper.paired_summary([1.0] * 40, [1.1] * 40, batch=1)["sign_test_p"] == pytest.approx(1.82e-12)
     assert summary["ours_images_per_s"] == pytest.approx(128.0) and summary["peer_images_per_s"] == pytest.approx(
         128 / 1.35, abs=0.05
     )
@@ -83,7 +84,8 @@ def test_stepper_protocol_runs_the_requested_steps():
     total = peer_stepper.serve(lambda: calls.append(1) or 0.25 * len(calls), io.StringIO("2\nx\n3\nquit\n9\n"), replies)
     lines = [json.loads(line) for line in replies.getvalue().splitlines()]
     assert total == 5 and len(calls) == 5  # "9" after "quit" is never run
-    assert lines[0]["loss"] == 0.5 and lines[2]["loss"] == 1.25 and lines[0]["seconds"] >= 0
+    assert lines[0]["loss"] == 0.5 and lines[2]["loss"] == 1.25
+    assert len(lines[0]["seconds"]) == 2 and len(lines[2]["seconds"]) == 3 and min(lines[2]["seconds"]) >= 0
     assert lines[1] == {"error": "expected a positive step count or 'quit', got 'x'"}
 
 
@@ -106,14 +108,15 @@ def test_paired_steps_alternate_with_a_live_child_process(capsys):
     assert json.loads(peer.stdout.readline()) == {"ready": True}
     step = jax.jit(lambda s, d: (s + d, {"loss": s.sum()})).lower(jnp.zeros(3), jnp.ones(3)).compile()
     rows: list[dict] = []
-    ours_s, peer_s, metrics = bench._alternate(step, jnp.zeros(3), jnp.ones(3), peer, 4, rows)
+    ours_s, peer_s, metrics = bench._alternate(step, jnp.zeros(3), jnp.ones(3), peer, 4, 2, rows)
     peer.stdin.write("quit\n")
     peer.stdin.close()
     assert peer.wait(timeout=30) == 0
-    assert float(metrics["loss"]) == 12.0  # warm-up + 4 timed steps; the loss is the state before the 5th
-    assert len(ours_s) == len(peer_s) == 4 and all(t >= 0.01 for t in peer_s)
+    assert float(metrics["loss"]) == 24.0  # warm-up + 4 pairs × 2 steps: the last loss is sum([8, 8, 8])
+    assert [len(t) for t in ours_s] == [len(t) for t in peer_s] == [2, 2, 2, 2]
+    assert all(t >= 0.01 for block in peer_s for t in block)
     assert [r["pair"] for r in rows] == [0, 1, 2, 3]
-    assert [r["speedup"] for r in rows] == [round(p / o, 3) for p, o in zip(peer_s, ours_s, strict=True)]
+    assert [r["speedup"] for r in rows] == [round(sum(p) / sum(o), 3) for p, o in zip(peer_s, ours_s, strict=True)]
     assert capsys.readouterr().out.count('"pair"') == 4
 
 
@@ -121,6 +124,7 @@ def test_paired_mode_against_the_torch_peer(capsys):
     pytest.importorskip("torch", reason="PyTorch is not installed here (the peer comparison needs it)")
     if not bench.TORCH_PEER.exists():
         pytest.skip(f"{bench.TORCH_PEER} is absent")
-    bench.main(["--batch", "2", "--steps", "1", "--paired", "2", "--conv-algorithm", "xla"])
+    bench.main(["--batch", "2", "--steps", "1", "--paired", "2", "--paired-block", "2", "--conv-algorithm", "xla"])
     (summary,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if "paired_ratio_vs" in line]
-    assert summary["pairs"] == 2 and summary["batch"] == 2 and summary["ours_images_per_s"] > 0
+    assert summary["pairs"] == summary["warm"]["pairs"] == 2 and summary["block"] == 2
+    assert summary["batch"] == 2 and summary["ours_images_per_s"] > 0
