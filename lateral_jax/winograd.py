@@ -22,8 +22,10 @@ its convolution gradients at half that, while PyTorch's oneDNN uses Winograd-sty
 JAX model can only match PyTorch on a CPU with a cheaper algorithm (DESIGN §3).  Two more things
 make it fast on XLA:CPU, where large elementwise passes are memory-bound:
 
-* the batch is processed in chunks inside a ``lax.scan`` so the 4×-larger transformed tiles of
-  one chunk stay in cache instead of being written to and read back from main memory;
+* the batch is processed in chunks (an unrolled ``lax.scan``) so the 4×-larger transformed tiles
+  of one chunk stay in cache instead of being written to and read back from main memory; unrolled,
+  because a rolled scan zero-fills its stacked output before every convolution (workload train
+  step: XLA's temporaries 859 → 633 MiB and ≈ 4 % faster, for 2–3× the compile time);
 * the gradient is hand-written (``jax.custom_vjp``): ``∂x`` is the same Winograd convolution of
   the cotangent with the flipped, transposed kernel, and ``∂w = Gᵀ (Σ_tiles Vᵀ · A ∂Y Aᵀ) G`` is
   accumulated chunk by chunk in the transformed domain (a second pass over the batch).
@@ -222,7 +224,9 @@ def _forward(x: jax.Array, u: jax.Array, m: int) -> jax.Array:
     def body(_, xc):
         return None, _conv_chunk(xc, u, m)
 
-    _, y = jax.lax.scan(body, None, _chunked(x, size))
+    # Unrolled: a rolled scan zero-fills its stacked output before the chunks overwrite it (one
+    # more pass over memory per convolution); unrolled, XLA writes the chunks in place.
+    _, y = jax.lax.scan(body, None, _chunked(x, size), unroll=True)
     return merge_batch(y)
 
 
