@@ -25,7 +25,7 @@ make it fast on XLA:CPU, where large elementwise passes are memory-bound:
 * the batch is processed in chunks (an unrolled ``lax.scan``) so the 4×-larger transformed tiles
   of one chunk stay in cache instead of being written to and read back from main memory; unrolled,
   because a rolled scan zero-fills its stacked output before every convolution (workload train
-  step: XLA's temporaries 859 → 633 MiB and ≈ 4 % faster, for 2–3× the compile time);
+  step: XLA's temporaries 859 → 633 MiB and ≈ 2 % faster in paired runs, for 3× the compile time);
 * the gradient is hand-written (``jax.custom_vjp``): ``∂x`` is the same Winograd convolution of
   the cotangent with the flipped, transposed kernel, and ``∂w = Gᵀ (Σ_tiles Vᵀ · A ∂Y Aᵀ) G`` is
   accumulated chunk by chunk in the transformed domain (a second pass over the batch).
