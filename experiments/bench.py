@@ -230,19 +230,24 @@ def torch_variants(device: str) -> list[list[str]]:
     return [[], ["--bf16", "--channels-last"], ["--compile", "--bf16", "--channels-last"]]
 
 
+def our_configs(args):
+    """Every (dtype, grad mode, conv algorithm, loop kernel, device count) the command line asks for."""
+    return itertools.product(
+        args.dtype.split(","),
+        args.grad_modes.split(","),
+        args.conv_algorithm.split(","),
+        args.loop_kernel.split(","),
+        map(int, args.devices.split(",")),
+    )
+
+
 def measure_round(args, rnd: int, rows: list[dict]) -> None:
     """One round: every configuration of ours, then (``--vs-torch``) the peer and the ratios."""
     torch_batches = None if args.torch_batches is None else set(map(int, args.torch_batches.split(",")))
     for batch in map(int, args.batch.split(",")):
         for num_steps in map(int, args.steps.split(",")):
             ours = []
-            for dtype, mode, algorithm, loop_kernel, devices in itertools.product(
-                args.dtype.split(","),
-                args.grad_modes.split(","),
-                args.conv_algorithm.split(","),
-                args.loop_kernel.split(","),
-                map(int, args.devices.split(",")),
-            ):
+            for dtype, mode, algorithm, loop_kernel, devices in our_configs(args):
                 row = run_config(
                     batch, num_steps, mode, dtype, args.iters, args.memory_only, args, algorithm, devices, loop_kernel
                 )
@@ -331,19 +336,17 @@ def measure_paired(args, rows: list[dict]) -> None:
             ready = json.loads(peer.stdout.readline() or "null")
             if not ready:
                 raise RuntimeError(f"the peer stepper did not start: {peer.stderr.read().strip()[-2000:]}")
-            for dtype, mode, algorithm, devices in itertools.product(
-                args.dtype.split(","),
-                args.grad_modes.split(","),
-                args.conv_algorithm.split(","),
-                map(int, args.devices.split(",")),
-            ):
-                row, compiled, state, data = build_config(batch, num_steps, mode, dtype, args, algorithm, devices)
+            for dtype, mode, algorithm, loop_kernel, devices in our_configs(args):
+                row, compiled, state, data = build_config(
+                    batch, num_steps, mode, dtype, args, algorithm, devices, loop_kernel
+                )
                 ours_s, peer_s, metrics = _alternate(compiled, state, data, peer, args.paired, args.paired_block, rows)
                 summary = {
                     "paired_ratio_vs": "torch-eager",
                     "torch": ready.get("torch"),
                     "torch_threads": ready.get("threads"),
-                    **{k: row[k] for k in ("batch", "steps", "grad_mode", "dtype", "conv_algorithm", "devices")},
+                    **{k: row[k] for k in ("batch", "steps", "grad_mode", "dtype", "conv_algorithm", "loop_kernel")},
+                    "devices": row["devices"],
                     "compile_s": row["compile_s"],
                     "xla_temp_mib": row["xla_temp_mib"],
                     "loss": float(metrics["loss"]),
@@ -442,6 +445,10 @@ def main(argv=None) -> None:
     )
     p.add_argument("--out", default=None, help="append the JSON lines to this file too")
     args = p.parse_args(argv)
+    if args.paired < 0 or args.paired_block < 1:
+        p.error(
+            f"--paired needs N >= 1 pairs and --paired-block K >= 1 steps; got {args.paired} and {args.paired_block}"
+        )
     header = {
         "python": platform.python_version(),
         "jax": jax.__version__,

@@ -128,3 +128,9 @@ def test_paired_mode_against_the_torch_peer(capsys):
     (summary,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if "paired_ratio_vs" in line]
     assert summary["pairs"] == summary["warm"]["pairs"] == 2 and summary["block"] == 2
     assert summary["batch"] == 2 and summary["ours_images_per_s"] > 0
+
+
+def test_paired_options_are_checked(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--paired", "3", "--paired-block", "0"])
+    assert "--paired-block K >= 1 steps; got 3 and 0" in capsys.readouterr().err
