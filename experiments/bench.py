@@ -152,25 +152,10 @@ def build_config(
     return row, compiled, state, data
 
 
-def run_config(
-    batch: int,
-    num_steps: int,
-    grad_mode: str,
-    dtype: str,
-    iters: int,
-    memory_only: bool,
-    args,
-    conv_algorithm="auto",
-    num_devices: int = 1,
-    loop_kernel: str = "xla",
-) -> dict:
-    """One configuration's row: :func:`build_config`, then (unless ``memory_only``) ``iters`` timed steps."""
-    row, compiled, state, data = build_config(
-        batch, num_steps, grad_mode, dtype, args, conv_algorithm, num_devices, loop_kernel
-    )
-    if memory_only:
-        return row
-    for _ in range(args.warmup):
+def time_steps(row: dict, compiled, state, data, iters: int, warmup: int) -> dict:
+    """Adds the speed of ``iters`` steps (after ``warmup``) of :func:`build_config`'s step to its ``row``."""
+    batch, num_steps, dtype = row["batch"], row["steps"], row["dtype"]
+    for _ in range(warmup):
         state, metrics = compiled(state, data)
     jax.block_until_ready(state)
     t0 = time.perf_counter()
@@ -248,9 +233,11 @@ def measure_round(args, rnd: int, rows: list[dict]) -> None:
         for num_steps in map(int, args.steps.split(",")):
             ours = []
             for dtype, mode, algorithm, loop_kernel, devices in our_configs(args):
-                row = run_config(
-                    batch, num_steps, mode, dtype, args.iters, args.memory_only, args, algorithm, devices, loop_kernel
+                row, compiled, state, data = build_config(
+                    batch, num_steps, mode, dtype, args, algorithm, devices, loop_kernel
                 )
+                if not args.memory_only:
+                    time_steps(row, compiled, state, data, args.iters, args.warmup)
                 row["round"] = rnd
                 ours.append(row)
                 print(json.dumps(row), flush=True)
