@@ -140,8 +140,8 @@ def main(argv=None) -> None:
     p.add_argument("--num-images", type=int, default=512, help="validation images used for activation statistics")
     args = p.parse_args(argv)
 
-    from lateral_jax import run
-    from lateral_jax.data import pipeline
+    from lateral_jax.training import run
+    from lateral_jax.training.data import pipeline
 
     folders = run_folders(args.runs)
     out = Path(args.out) if args.out else (folders[0].parent if len(folders) > 1 else folders[0]) / "analysis"
@@ -170,7 +170,8 @@ def analyze_models(entries: dict, out: Path) -> Path:
     ``analysis.json``, the figures and ``analysis.md`` to ``out``."""
     import jax
 
-    from lateral_jax import ei, plots, probe
+    from lateral_jax.core import ei
+    from lateral_jax.neuro import plots, probe
 
     out.mkdir(parents=True, exist_ok=True)
     results, summaries, kernels, tails, samples = {}, {}, {}, {}, {}

@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import peer_stepper
-from lateral_jax import models, train
-from lateral_jax.recurrence import LateralConfig
+from lateral_jax.core import models
+from lateral_jax.core.config import LateralConfig, LoopOptions
+from lateral_jax.training import train
 
 WIDTHS = (64, 128, 256)
 # Dense peaks; XLA runs float32 convolutions on the tensor cores as TF32 by default.
@@ -53,13 +54,15 @@ def workload_model(
         num_classes=10,
         num_steps=num_steps,
         lateral=LateralConfig.paper(lateral_init_scale=0.0, conv_algorithm=conv_algorithm, loop_kernel=loop_kernel),
-        grad_mode=grad_mode,
-        truncate_steps=truncate_steps,
-        implicit_tol=1e-4,
-        implicit_max_steps=num_steps,
+        loop=LoopOptions(
+            grad_mode=grad_mode,
+            truncate_steps=truncate_steps,
+            implicit_tol=1e-4,
+            implicit_max_steps=max(1, num_steps),
+            scan_unroll=scan_unroll,
+        ),
         ei_mode="mixed_sign",
         ei_weight=1e-3,
-        scan_unroll=scan_unroll,
         dtype=dtype,
     )
 

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lateral_jax import models
-from lateral_jax.recurrence import LateralConfig
+from lateral_jax.core import models
+from lateral_jax.core.recurrence import LateralConfig
 
 
 def tolerance(dtype: str) -> float:

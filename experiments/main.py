@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from absl import app, flags
-from ml_collections import ConfigDict, config_flags
+from ml_collections import config_flags
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "contour.py")
 
@@ -34,37 +34,6 @@ _NO_REPORT = flags.DEFINE_bool("no_report", False, "Skip report.md.")
 _ANALYZE = flags.DEFINE_bool("analyze", True, "Run experiments/analyze.py on the trained models (<workdir>/analysis).")
 
 
-def to_run_config(config: ConfigDict, variant: str):
-    """The typed ``RunConfig`` of one variant of a comparison config."""
-    from lateral_jax import run, train
-    from lateral_jax.recurrence import LateralConfig
-
-    if variant not in config.variants:
-        raise ValueError(f"variant {variant!r} is not in the config's variants {sorted(config.variants)}.")
-    model = config.model.to_dict()
-    model.update(dict(config.variants[variant]))
-    model["lateral"] = LateralConfig(**dict(model["lateral"]))
-    model["widths"] = tuple(model["widths"])
-    model["truncate_steps"] = model["truncate_steps"] or None
-    data = config.data.to_dict()
-    data["task"] = tuple(sorted(dict(data["task"]).items()))
-    data["archive"] = data["archive"] or None
-    data["data_dir"] = data["data_dir"] or None
-    data["train_subset"] = data["train_subset"] or None
-    return run.RunConfig(
-        data=run.DataConfig(**data),
-        model=run.ModelConfig(**model),
-        optimizer=train.OptimizerConfig(**config.optimizer.to_dict()),
-        batch_size=config.batch_size,
-        num_epochs=float(config.num_epochs),
-        seed=config.seed,
-        log_every=config.log_every,
-        eval_every=config.eval_every,
-        checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=config.keep_checkpoints,
-    )
-
-
 def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -75,13 +44,13 @@ def main(argv):
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     elif _DISTRIBUTED.value:
         jax.distributed.initialize()
-    from experiments import report
-    from lateral_jax import run
+    from experiments.configs import base
+    from lateral_jax.training import run
 
     config = _CONFIG.value
     workdir = Path(_WORKDIR.value)
     variants = _ONLY.value or list(config.models)
-    configs = {v: to_run_config(config, v) for v in variants}  # validate every variant before training
+    configs = {v: base.to_run_config(config, v) for v in variants}  # validate every variant before training
     for run_config in configs.values():
         run.validate(run_config)
     print(
@@ -100,6 +69,8 @@ def main(argv):
 
         analyze.main([str(workdir / v) for v in variants] + ["--out", str(workdir / "analysis")])
     if jax.process_index() == 0 and not _NO_REPORT.value:
+        from experiments import report  # matplotlib: only when a report is written
+
         path = report.write_report(workdir, variants, title=f"{config.data.dataset}: {', '.join(variants)}")
         print(f"report: {path}", flush=True)
 

@@ -98,7 +98,7 @@ def load_dataset(
     name: str, protocol: Protocol, *, split_seed: int = 0, cache_dir: Path | None = None, archive: Path = ARCHIVE
 ):
     """(train images f32, train labels, val images, val labels, num classes, normalisation), NHWC."""
-    from lateral_jax.data import pipeline, sources, synthetic
+    from lateral_jax.training.data import pipeline, sources, synthetic
 
     if name == "cifar10":
         cache = cache_dir / "cifar10_arrays.npz" if cache_dir else None
@@ -120,8 +120,8 @@ def load_dataset(
 
 
 def build(variant: str, protocol: Protocol, dataset: str, num_classes: int, input_shape):
-    from lateral_jax import run
-    from lateral_jax.recurrence import LateralConfig
+    from lateral_jax.core.recurrence import LateralConfig
+    from lateral_jax.training import run
 
     widths = protocol.widths if dataset == "cifar10" else (16, 32, 32)  # the main job's contour model
     overrides = dict(VARIANTS[variant])
@@ -153,7 +153,7 @@ def run_one(dataset, variant, seed, protocol, arrays, compiled_cache, out_path: 
     import jax
     import jax.numpy as jnp
 
-    from lateral_jax import checkpoint, train
+    from lateral_jax.training import checkpoint, train
 
     x_tr, y_tr, x_va, y_va, num_classes, _ = arrays
     key = (dataset, variant)

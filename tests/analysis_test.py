@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lateral_jax import analysis, stimuli
-from lateral_jax.data.pipeline import IDENTITY, Normalisation
+from lateral_jax.neuro import analysis, stimuli
+from lateral_jax.training.data.pipeline import IDENTITY, Normalisation
 
 SIZE = 31
 ORIENTATIONS = np.arange(12) * np.pi / 12

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from lateral_jax import ei
+from lateral_jax.core import ei
 
 
 def kernel_from_channels(values):

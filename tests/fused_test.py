@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from experiments import fused_check
-from lateral_jax import fused, recurrence
-from lateral_jax.recurrence import LateralConfig, NormParams
+from lateral_jax.core import fused, recurrence
+from lateral_jax.core.recurrence import LateralConfig, NormParams
 
 rel_err = fused_check.rel_err  # max |Δ| / max |reference|, in float32
 
@@ -131,7 +131,8 @@ def test_fused_check_passes_on_a_model_without_norms():
 
 def test_fused_kernel_trains_data_parallel_on_8_devices_like_xla_on_1():
     """Under train.jit_train_step's mesh the kernel runs in shard_map, one call per device."""
-    from lateral_jax import models, train
+    from lateral_jax.core import models
+    from lateral_jax.training import train
 
     assert len(jax.devices()) >= 8, "conftest sets --xla_force_host_platform_device_count=8"
     lateral = LateralConfig.stable(num_groups=4, lateral_init_scale=0.5)
@@ -157,7 +158,7 @@ def test_fused_kernel_trains_data_parallel_on_8_devices_like_xla_on_1():
 
 
 def test_fused_kernel_needs_a_batch_that_splits_over_the_mesh(key):
-    from lateral_jax import train
+    from lateral_jax.training import train
 
     config = LateralConfig(loop_kernel="pallas")
     params = recurrence.init_params(key, in_channels=3, out_channels=16, config=config)

@@ -7,9 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from lateral_jax import ei, models, recurrence
-from lateral_jax.layers import LateralConv, module_params
-from lateral_jax.recurrence import LateralConfig
+from lateral_jax.core import ei, models, recurrence
+from lateral_jax.core.layers import LateralConv, module_params
+from lateral_jax.core.recurrence import LateralConfig, LoopOptions
 
 SMALL = LateralConfig.stable(num_groups=2)
 
@@ -18,7 +18,7 @@ SMALL = LateralConfig.stable(num_groups=2)
     "config,kwargs",
     [
         (SMALL, {}),
-        (LateralConfig.paper(), {"grad_mode": "remat"}),
+        (LateralConfig.paper(), {"loop": LoopOptions(grad_mode="remat")}),
         (LateralConfig.paper(inhibitory_size=5), {}),
         (LateralConfig.paper(mixing="depthwise", leak=0.5), {}),
         (SMALL, {"ei_mode": "parametrise", "excitatory_fraction": 0.5}),

@@ -28,9 +28,10 @@ def main():
         jax.distributed.initialize(f"127.0.0.1:{a.port}", num_processes=a.processes, process_id=a.process_id)
     import jax.numpy as jnp
 
-    from lateral_jax import models, train
-    from lateral_jax.data import pipeline, sources, synthetic
-    from lateral_jax.recurrence import LateralConfig
+    from lateral_jax.core import models
+    from lateral_jax.core.recurrence import LateralConfig
+    from lateral_jax.training import train
+    from lateral_jax.training.data import pipeline, sources, synthetic
 
     assert jax.process_count() == a.processes and jax.device_count() == a.processes
     model = models.LCEICNN(widths=(4, 8), num_steps=2, lateral=LateralConfig.stable(num_groups=2), ei_weight=1e-2)

@@ -17,8 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from lateral_jax import checkpoint, run, train
-from lateral_jax.recurrence import LateralConfig
+from lateral_jax.core.recurrence import LateralConfig
+from lateral_jax.training import checkpoint, run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ KILL_SCRIPT = """
 import sys, dataclasses
 sys.path.insert(0, {root!r})
 from tests.run_test import tiny_config
-from lateral_jax import run
+from lateral_jax.training import run
 config = dataclasses.replace(tiny_config(), num_epochs=12.0, checkpoint_every=4)
 run.train_and_evaluate(config, sys.argv[1])
 """
@@ -155,8 +155,19 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert result["steps"] == 12
 
 
-def test_nan_stops_with_an_error_naming_the_step_and_keeps_the_good_checkpoint(tmp_path):
-    config = tiny_config(inject_nan_step=7)
+def test_nan_stops_with_an_error_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
+    """The batch of step 7 is NaN: the update is skipped, the run stops naming step 7, and the
+    newest checkpoint (step 6) holds finite parameters."""
+    config = tiny_config()
+    shard_batch, calls = train.shard_batch, collections.Counter()
+
+    def nan_at_step_7(batch, mesh):
+        calls["train"] += 1
+        if calls["train"] == 8:
+            batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+        return shard_batch(batch, mesh)
+
+    monkeypatch.setattr(run.HostFeed, "shard", staticmethod(nan_at_step_7))
     with pytest.raises(
         train.NonFiniteLossError, match=r"non-finite loss or gradient at step 7 .* last good checkpoint is kept: step 6"
     ):
@@ -245,11 +256,10 @@ def test_other_configs_smoke(tmp_path, config_file):
     """Every dataset config's smoke variant trains (mnist/fashion_mnist on tfds mock data)."""
     import tensorflow_datasets as tfds
 
-    from experiments import main as main_module
-    from experiments.configs import fashion_mnist, mnist, pathfinder
+    from experiments.configs import base, fashion_mnist, mnist, pathfinder
 
     cfg = {"pathfinder": pathfinder, "mnist": mnist, "fashion_mnist": fashion_mnist}[config_file].get_config("smoke")
-    run_config = dataclasses.replace(main_module.to_run_config(cfg, "lceicnn"), progress=False)
+    run_config = dataclasses.replace(base.to_run_config(cfg, "lceicnn"), progress=False)
     with tfds.testing.mock_data(num_examples=300, policy=tfds.testing.MockPolicy.USE_CODE):
         result = run.train_and_evaluate(run_config, tmp_path)
     assert result["steps"] > 0 and 0 <= result["validation_accuracy"] <= 1
@@ -262,8 +272,7 @@ def test_natural_images_smoke_on_a_generated_archive(tmp_path):
 
     from PIL import Image
 
-    from experiments import main as main_module
-    from experiments.configs import natural_images
+    from experiments.configs import base, natural_images
 
     archive = tmp_path / "natural-images.zip"
     rng = np.random.default_rng(0)
@@ -276,14 +285,13 @@ def test_natural_images_smoke_on_a_generated_archive(tmp_path):
     cfg = natural_images.get_config("smoke")
     cfg.data.archive = str(archive)
     cfg.data.data_dir = str(tmp_path / "tfds")
-    run_config = dataclasses.replace(main_module.to_run_config(cfg, "lccnn"), progress=False)
+    run_config = dataclasses.replace(base.to_run_config(cfg, "lccnn"), progress=False)
     result = run.train_and_evaluate(run_config, tmp_path / "run")
     assert result["steps"] == 64 // 16 and 0 <= result["validation_accuracy"] <= 1
 
 
 def test_cifar10_smoke_on_the_shared_archive(tmp_path):
-    from experiments import main as main_module
-    from experiments.configs import cifar10
+    from experiments.configs import base, cifar10
 
     if not Path(cifar10.ARCHIVE).exists():
         print(f"SKIP REASON: {cifar10.ARCHIVE} is absent (../shared/data beside the checkout)")
@@ -302,7 +310,7 @@ def test_cifar10_smoke_on_the_shared_archive(tmp_path):
     cfg = cifar10.get_config("smoke")
     cfg.data.archive = str(excerpt)
     cfg.data.data_dir = str(tmp_path / "tfds")
-    run_config = dataclasses.replace(main_module.to_run_config(cfg, "lceicnn"), progress=False)
+    run_config = dataclasses.replace(base.to_run_config(cfg, "lceicnn"), progress=False)
     result = run.train_and_evaluate(run_config, tmp_path / "run")
     # 900 training images after the 10 % validation split; 512 requested; the stratified subset keeps 51 per class
     assert result["steps"] == 510 // 64

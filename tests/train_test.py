@@ -7,8 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from lateral_jax import models, train
-from lateral_jax.recurrence import LateralConfig
+from lateral_jax.core import models
+from lateral_jax.core.recurrence import LateralConfig
+from lateral_jax.training import device_epochs, train
 
 SMALL = LateralConfig.stable(num_groups=2)
 
@@ -78,7 +79,7 @@ def test_non_finite_step_is_skipped_and_recorded():
 
 
 def test_projection_mode_keeps_lateral_kernels_sign_pure():
-    from lateral_jax import ei
+    from lateral_jax.core import ei
 
     model, tx, mesh, state, batch = setup(1, ei_mode="project")
     step = train.jit_train_step(model, tx, mesh)
@@ -133,20 +134,20 @@ def test_device_epoch_equals_the_host_loop_over_the_same_batches(scan):
     images = jnp.asarray(rng.standard_normal((40, 16, 16, 3)).astype(np.float32))
     labels = jnp.asarray(rng.integers(0, 10, 40).astype(np.int32))
     key = jax.random.key(3)
-    epoch = train.make_device_epoch(model, tx, mesh, batch_size=16, augment=True, scan=scan)
+    epoch = device_epochs.make_device_epoch(model, tx, mesh, batch_size=16, augment=True, scan=scan)
     ref_state = jax.tree_util.tree_map(jnp.copy, state)
     new_state, metrics = epoch(state, images, labels, key)
     assert metrics["loss"].shape == (2,)  # 40 // 16 steps, remainder dropped
     perm_key, aug_key = jax.random.split(key)
-    blocks = train.epoch_batches(perm_key, 40, 16)
+    blocks = device_epochs.epoch_batches(perm_key, 40, 16)
     step = train.jit_train_step(model, tx, mesh)
     for idx, k in zip(blocks, jax.random.split(aug_key, blocks.shape[0]), strict=True):
-        batch = {"image": np.asarray(train.augment_on_device(k, images[idx])), "label": np.asarray(labels[idx])}
+        batch = {"image": np.asarray(device_epochs.augment_on_device(k, images[idx])), "label": np.asarray(labels[idx])}
         ref_state, _ = step(ref_state, train.shard_batch(batch, mesh))
     chex.assert_trees_all_close(
         jax.device_get(new_state.params), jax.device_get(ref_state.params), atol=1e-5, rtol=1e-5
     )
-    evaluate = train.make_device_eval(model, mesh, batch_size=16)
+    evaluate = device_epochs.make_device_eval(model, mesh, batch_size=16)
     acc, loss = evaluate(new_state.params, images[:20], labels[:20])
     host = train.evaluate(
         train.jit_eval_step(model, mesh),
@@ -165,7 +166,7 @@ def test_device_epoch_equals_the_host_loop_over_the_same_batches(scan):
 
 def test_augment_on_device_crops_and_flips():
     images = jnp.broadcast_to(jnp.arange(8.0)[None, None, :, None], (64, 8, 8, 1))
-    out = train.augment_on_device(jax.random.key(0), images, crop_padding=2)
+    out = device_epochs.augment_on_device(jax.random.key(0), images, crop_padding=2)
     assert out.shape == images.shape
     rows = np.asarray(out[:, 4, :, 0])
     flipped = np.sum(np.diff(rows[:, 2:6], axis=1).mean(axis=1) < 0)

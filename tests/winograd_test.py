@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lateral_jax import models, pooling, recurrence, winograd
-from lateral_jax.recurrence import LateralConfig
+from lateral_jax.core import models, pooling, recurrence, winograd
+from lateral_jax.core.recurrence import LateralConfig, LoopOptions
 
 
 def direct(x, w):
@@ -153,9 +153,8 @@ def test_conv_algorithm_choice(key):
 @pytest.mark.parametrize("grad_mode", ["remat"])  # √T checkpoints around Winograd's hand-written VJP
 def test_lccnn_with_winograd_equals_the_xla_reference(key, grad_mode):
     """The model-level fast path: logits, loss gradient and a jitted train step that traces once."""
-    kwargs = {"widths": (4, 8), "num_classes": 3, "num_steps": 2, "grad_mode": grad_mode}
-    if grad_mode == "truncated":
-        kwargs["truncate_steps"] = 2
+    loop = LoopOptions(grad_mode=grad_mode, truncate_steps=2 if grad_mode == "truncated" else None)
+    kwargs = {"widths": (4, 8), "num_classes": 3, "num_steps": 2, "loop": loop}
     x = jax.random.normal(key, (2, 6, 6, 3))
     ref = models.LCCNN(lateral=LateralConfig.paper(lateral_init_scale=1.0, conv_algorithm="xla"), **kwargs)
     fast = models.LCCNN(lateral=LateralConfig.paper(lateral_init_scale=1.0, conv_algorithm="winograd"), **kwargs)

@@ -1,99 +1,68 @@
 """Shared defaults of every experiment config (see the per-dataset files for commands and results).
 
-A config describes a *comparison*: the data, optimiser and schedule shared by every model, the
-base model settings, and ``variants``: named overrides of the model settings (e.g. ``fcnn`` =
-``kind='fcnn'``).  ``experiments/main.py`` trains ``models`` (a tuple of variant names) one after
-another, each in ``<workdir>/<variant>``, then writes ``<workdir>/report.md``.
+A config describes a *comparison*: every field of ``lateral_jax.training.config.RunConfig`` (data,
+model, optimiser, schedule), shared by the models, plus ``models``: the variant names to train
+(:mod:`experiments.configs.variants`).  ``experiments/main.py`` trains each variant in
+``<workdir>/<variant>`` and writes ``<workdir>/report.md``.  Fields that may be ``None`` are typed
+placeholders, so ``--config.model.loop.truncate_steps=2`` works on the command line.
 """
 
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
 import ml_collections
+from ml_collections import config_dict
+
+from experiments.configs import variants
+from lateral_jax.core.config import LateralConfig
+from lateral_jax.training.config import DataConfig, ModelConfig, RunConfig, from_dict
+from lateral_jax.training.train import OptimizerConfig
 
 
-def lateral_config(**overrides) -> ml_collections.ConfigDict:
-    """Fields of lateral_jax.recurrence.LateralConfig; the default is LateralConfig.stable()."""
-    base = dict(
-        kernel_size=3,
-        lateral_size=3,
-        inhibitory_size=None,
-        mixing="full",
-        leak=1.0,
-        drive_norm="group",
-        loop_norm="group",
-        num_groups=4,
-        activation="relu",
-        lateral_init_scale=0.1,
-        conv_algorithm="auto",
-        loop_kernel="xla",
-    )
-    base.update(overrides)
-    return ml_collections.ConfigDict(base)
-
-
-def standard_variants() -> dict:
-    """The paper's three models and our two controls."""
-    return {
-        "fcnn": {"kind": "fcnn"},
-        "lccnn": {"kind": "lccnn"},
-        "lceicnn": {"kind": "lceicnn", "ei_mode": "mixed_sign", "ei_weight": 1e-3},
-        "lceicnn_param": {"kind": "lceicnn", "ei_mode": "parametrise"},
-        "lceicnn_proj": {"kind": "lceicnn", "ei_mode": "project"},
-        "fcnn_matched": {"kind": "fcnn_matched"},
-        "unshared": {"kind": "unshared"},
-    }
+def as_config_dict(obj: Any) -> ml_collections.ConfigDict:
+    """A config dataclass as a ``ConfigDict`` (nested; ``None`` fields become typed placeholders)."""
+    hints = typing.get_type_hints(type(obj))
+    out = {}
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if dataclasses.is_dataclass(value):
+            out[field.name] = as_config_dict(value)
+        elif value is None:
+            kinds = [h for h in typing.get_args(hints[field.name]) if h is not type(None)]
+            out[field.name] = config_dict.placeholder(kinds[0])
+        elif field.name == "task":
+            out[field.name] = ml_collections.ConfigDict(dict(value))
+        else:
+            out[field.name] = value
+    return ml_collections.ConfigDict(out)
 
 
 def get_base_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.data = ml_collections.ConfigDict(
-        dict(
-            dataset="contour",
-            num_train=4096,
-            num_validation=1024,
-            task={},
-            archive="",
-            image_size=32,
-            validation_fraction=0.1,
-            train_subset=0,
-            data_dir="",
-            download=True,
-            augment=False,
-        )
+    """The contour main job's settings; other configs start from these."""
+    run = RunConfig(
+        data=DataConfig(dataset="contour", num_train=4096, num_validation=1024),
+        model=ModelConfig(widths=(16, 32, 32), lateral=LateralConfig.stable(num_groups=4)),
+        # A short warm-up: without it LC-CNNs often stall at chance on the contour task.
+        optimizer=OptimizerConfig(name="adam", learning_rate=3e-3, weight_decay=0.0, warmup_steps=30),
+        batch_size=128,
+        num_epochs=5.0,
+        keep_checkpoints=2,
     )
-    c.model = ml_collections.ConfigDict(
-        dict(
-            kind="lccnn",
-            widths=(16, 32, 32),
-            num_steps=4,
-            lateral=lateral_config(),
-            grad_mode="full",
-            truncate_steps=0,
-            ei_mode="none",
-            ei_weight=0.0,
-            excitatory_fraction=0.8,
-            dtype="float32",
-        )
-    )
-    c.optimizer = ml_collections.ConfigDict(
-        dict(
-            name="adam",
-            learning_rate=3e-3,
-            momentum=0.9,
-            weight_decay=0.0,
-            schedule="cosine",
-            warmup_steps=30,  # a short warm-up: without it LC-CNNs often stall at chance on the contour task
-            grad_clip_norm=1.0,
-        )
-    )
-    c.variants = standard_variants()
+    c = as_config_dict(run)
     c.models = ("fcnn", "lccnn", "lceicnn")
-    c.batch_size = 128
-    c.num_epochs = 5.0
-    c.seed = 0
-    c.log_every = 20
-    c.eval_every = 0
-    c.checkpoint_every = 0
-    c.keep_checkpoints = 2
     return c
+
+
+def to_run_config(config: ml_collections.ConfigDict, variant: str) -> RunConfig:
+    """The typed ``RunConfig`` of one variant of a comparison config (the variant's model fields
+    override the config's)."""
+    raw = config.to_dict()
+    raw.pop("models", None)
+    raw["model"] = {**raw["model"], **variants.overrides(variant)}
+    return from_dict(raw)
 
 
 def make_smoke(c: ml_collections.ConfigDict, *, batch_size: int = 32, **data) -> ml_collections.ConfigDict:

@@ -28,7 +28,7 @@ def get_config(variant: str = ""):
     c.batch_size = 128
     c.num_epochs = 10.0
     if variant == "full":
-        c.data.train_subset = 0
+        c.data.train_subset = None
         c.model.widths = (64, 128, 256)
         c.model.dtype = "bfloat16"
         c.num_epochs = 25.0

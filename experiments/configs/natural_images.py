@@ -14,7 +14,6 @@ from experiments.configs import base
 def get_config(variant: str = ""):
     c = base.get_base_config()
     c.data.dataset = "image_folder"
-    c.data.archive = ""
     c.data.image_size = 32
     c.data.augment = True
     c.data.validation_fraction = 0.2

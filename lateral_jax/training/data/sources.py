@@ -330,7 +330,7 @@ def load_image_folder_arrays(
 
     Returns ``(images uint8 [N, H, W, 3], labels int32 [N], class names)`` in file-name order;
     ``cache`` (an ``.npz`` path) stores the decoded arrays for the next call.  For accelerators,
-    where the whole dataset lives on the device (:func:`lateral_jax.train.make_device_epoch`).
+    where the whole dataset lives on the device (:func:`lateral_jax.training.train.make_device_epoch`).
     """
     if cache is not None and Path(cache).exists():
         with np.load(cache, allow_pickle=False) as z:

@@ -15,6 +15,7 @@ final-loop relative change ``‖a(T) - a(T-1)‖ / ‖a(T)‖``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -22,9 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lateral_jax import ei, pooling, recurrence
-from lateral_jax.layers import LateralConv, LateralRecurrence
-from lateral_jax.recurrence import LateralConfig
+from lateral_jax.core import ei, pooling
+from lateral_jax.core.config import LateralConfig, LoopOptions
+from lateral_jax.core.layers import LateralConv, LateralRecurrence
 
 
 class ModelOutput(NamedTuple):
@@ -67,7 +68,7 @@ class LateralCNN(nn.Module):
       num_steps: T, lateral loops in each lateral layer (0: the F-CNN).
       lateral: :class:`LateralConfig` (default: :meth:`LateralConfig.stable`).
       lateral_layers: indices of the stages with lateral connections (``None``: all).
-      grad_mode, truncate_steps, implicit_tol, implicit_max_steps, scan_unroll: as in ``unroll``.
+      loop: :class:`LoopOptions`, how every lateral layer's loops run and are differentiated.
       ei_mode, ei_weight, excitatory_fraction: E/I separation; the loss term is
         :meth:`ei_penalty` (``ei_weight · L_EI``), the parametrised mode changes the parameters.
       unshared: the compute-matched control (one lateral kernel per loop).
@@ -79,11 +80,7 @@ class LateralCNN(nn.Module):
     num_steps: int = 4
     lateral: LateralConfig = LateralConfig.stable()
     lateral_layers: Sequence[int] | None = None
-    grad_mode: recurrence.GradMode = "full"
-    truncate_steps: int | None = None
-    implicit_tol: float = 1e-4
-    implicit_max_steps: int = 50
-    scan_unroll: Any = "auto"
+    loop: LoopOptions = LoopOptions()
     ei_mode: ei.EIMode = "none"
     ei_weight: float = 0.0
     excitatory_fraction: float = 0.8
@@ -106,11 +103,7 @@ class LateralCNN(nn.Module):
                 width,
                 num_steps=self.num_steps if lateral_here else 0,
                 config=self.lateral,
-                grad_mode=self.grad_mode,
-                truncate_steps=self.truncate_steps,
-                implicit_tol=self.implicit_tol,
-                implicit_max_steps=self.implicit_max_steps,
-                scan_unroll=self.scan_unroll,
+                loop=self.loop,
                 ei_mode=self.ei_mode,
                 excitatory_fraction=self.excitatory_fraction,
                 unshared=self.unshared,
@@ -157,10 +150,15 @@ class UnsharedCNN(LateralCNN):
     unshared: bool = True
 
 
+def param_count(params: Any) -> int:
+    """Number of scalars in a parameter pytree (arrays or ``ShapeDtypeStruct``s)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
+
+
 def count_params(model: nn.Module, input_shape: Sequence[int]) -> int:
     """Number of parameters of ``model`` for inputs of ``input_shape`` (NHWC, batch included)."""
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape, jnp.float32)))
-    return sum(int(jnp.prod(jnp.array(leaf.shape))) for leaf in jax.tree_util.tree_leaves(shapes["params"]))
+    return param_count(shapes["params"])
 
 
 def param_matched_widths(
@@ -235,9 +233,7 @@ class LateralResNet(nn.Module):
     num_steps: int = 4
     lateral: LateralConfig = LateralConfig.stable()
     lateral_stages: Sequence[int] = (0, 1)
-    grad_mode: recurrence.GradMode = "full"
-    truncate_steps: int | None = None
-    scan_unroll: Any = "auto"
+    loop: LoopOptions = LoopOptions()
     ei_mode: ei.EIMode = "none"
     ei_weight: float = 0.0
     excitatory_fraction: float = 0.8
@@ -270,9 +266,7 @@ class LateralResNet(nn.Module):
                     out = LateralRecurrence(
                         num_steps=self.num_steps,
                         config=self.lateral,
-                        grad_mode=self.grad_mode,
-                        truncate_steps=self.truncate_steps,
-                        scan_unroll=self.scan_unroll,
+                        loop=self.loop,
                         ei_mode=self.ei_mode,
                         excitatory_fraction=self.excitatory_fraction,
                         name=name,

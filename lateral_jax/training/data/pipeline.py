@@ -139,3 +139,10 @@ def measure_throughput(iterator: Iterator, *, num_batches: int = 20, warmup: int
     for _ in range(num_batches):
         count += len(next(iterator)["label"])
     return count / (time.perf_counter() - t0)
+
+
+def to_arrays(source: Any, normalisation: Normalisation = IDENTITY) -> tuple[np.ndarray, np.ndarray]:
+    """Every example of ``source``, decoded and normalised: ``(images f32[N, H, W, C], labels i32[N])``."""
+    decode = _decode(normalisation)
+    examples = [decode(source[i]) for i in range(len(source))]
+    return np.stack([e["image"] for e in examples]), np.asarray([e["label"] for e in examples], np.int32)

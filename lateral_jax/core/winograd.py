@@ -17,24 +17,20 @@ FLOPs than the direct convolution.  The transforms are additions (and halvings o
 so in float32 the result matches the direct convolution to a few ulps of the output scale
 (tested: max |Δ| / max |y| < 1e-5).
 
-Why it exists: XLA:CPU runs a direct 3×3 convolution at roughly a third of its matmul peak and
-its convolution gradients at half that, while PyTorch's oneDNN uses Winograd-style kernels, so a
-JAX model can only match PyTorch on a CPU with a cheaper algorithm (DESIGN §3).  Two more things
-make it fast on XLA:CPU, where large elementwise passes are memory-bound:
+Why it exists: XLA:CPU's direct 3×3 convolution runs well below its matmul peak, so on a CPU a
+cheaper algorithm is the way to a faster convolution (docs/performance.md).  Two implementation
+choices keep it fast where large elementwise passes are memory-bound:
 
-* the batch is processed in chunks (an unrolled ``lax.scan``) so the 4×-larger transformed tiles
-  of one chunk stay in cache instead of being written to and read back from main memory; unrolled,
-  because a rolled scan zero-fills its stacked output before every convolution (workload train
-  step: XLA's temporaries 859 → 633 MiB and ≈ 2 % faster in paired runs, for 3× the compile time);
+* the batch is processed in chunks (an unrolled ``lax.scan``) so that the transformed tiles of one
+  chunk (:data:`CHUNK_ELEMENTS`) stay in cache; the scan is unrolled because a rolled scan
+  zero-fills its stacked output before the chunks overwrite it;
 * the gradient is hand-written (``jax.custom_vjp``): ``∂x`` is the same Winograd convolution of
   the cotangent with the flipped, transposed kernel, and ``∂w = Gᵀ (Σ_tiles Vᵀ · A ∂Y Aᵀ) G`` is
   accumulated chunk by chunk in the transformed domain (a second pass over the batch).
 
 ``conv3x3(..., tile=4)`` is F(4×4, 3×3) (Lavin's 6×6 transforms): 36 multiply-adds per 16 outputs
-(4× fewer than direct) but about 10× the float32 rounding error (still ≤ 1e-4 of the output
-scale); :func:`lateral_jax.recurrence.winograd_tile` uses it on maps of at least 32×32, where the
-train step was about 10 % faster, and on smaller maps only between layers of ≥ 256 channels, whose
-matmuls outweigh the larger transforms; ``tile=2`` elsewhere (on 16×16×128 maps the two tied).
+(4× fewer than direct) with about 10× the float32 rounding error (still ≤ 1e-4 of the output
+scale); :func:`lateral_jax.core.convolution.winograd_tile` chooses the tile.
 
 Forward-mode differentiation (``jax.jvp``) is not defined for a ``custom_vjp`` function; use
 ``LateralConfig(conv_algorithm="xla")`` for that.
@@ -49,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
+
+from lateral_jax.core.batching import largest_divisor, merge_batch, split_batch
 
 
 class _Transforms(NamedTuple):
@@ -168,43 +166,6 @@ def chunk_size(batch: int, height: int, width: int, channels: int, elements: int
     ``elements`` (default :data:`CHUNK_ELEMENTS`, read at call time)."""
     elements = CHUNK_ELEMENTS if elements is None else elements
     return largest_divisor(batch, elements // max(1, 4 * height * width * channels))
-
-
-def largest_divisor(n: int, at_most: int) -> int:
-    """The largest divisor of ``n`` that is at most ``at_most`` (at least 1)."""
-    size = max(1, min(n, at_most))
-    while n % size:
-        size -= 1
-    return size
-
-
-def split_batch(x: jax.Array, num_chunks: int, axis: int = 0, *, strided: bool | None = None) -> jax.Array:
-    """``x`` with its batch axis cut into ``num_chunks`` equal chunks, stacked on a new leading axis.
-
-    Contiguous (chunk ``k`` holds examples ``k·s … k·s + s - 1``) or strided (example ``i`` goes to
-    chunk ``i mod num_chunks``).  A batch sharded over devices in contiguous blocks keeps its
-    sharding inside every *strided* chunk, so a ``lax.scan`` over the chunks needs no cross-device
-    traffic; a contiguous split puts the scanned axis itself across devices (measured on 8 CPU
-    devices: 19.1 s instead of 3.4 s per step at batch 128).  On one device the contiguous split
-    is a free reshape, while the strided one costs a transpose (Winograd forward up to 1.3× slower).
-    ``strided=None`` picks strided exactly when the process has more than one device.
-    :func:`merge_batch` is the inverse.
-    """
-    if strided is None:
-        strided = jax.device_count() > 1
-    batch = x.shape[axis]
-    if not strided:
-        return jnp.moveaxis(x.reshape(*x.shape[:axis], num_chunks, batch // num_chunks, *x.shape[axis + 1 :]), axis, 0)
-    split = x.reshape(*x.shape[:axis], batch // num_chunks, num_chunks, *x.shape[axis + 1 :])
-    return jnp.moveaxis(split, axis + 1, 0)
-
-
-def merge_batch(y: jax.Array, axis: int = 0, *, strided: bool | None = None) -> jax.Array:
-    """The inverse of :func:`split_batch` (with the same ``strided``): ``[n, ..., b/n, ...]`` → ``[..., b, ...]``."""
-    if strided is None:
-        strided = jax.device_count() > 1
-    y = jnp.moveaxis(y, 0, axis + 1 if strided else axis)
-    return y.reshape(*y.shape[:axis], y.shape[axis] * y.shape[axis + 1], *y.shape[axis + 2 :])
 
 
 def _chunked(x: jax.Array, size: int) -> jax.Array:

@@ -4,15 +4,15 @@
 
     L(θ) = CE(model(x; θ), y) + λ_EI · L_EI(θ)
 
-with an optax optimiser.  The step is *non-finite safe*: if the loss or a gradient is not finite
-the update is skipped (params and optimiser state stay as they were) and ``state.nonfinite_step``
-records the first such step, so the host can stop with an error naming it without a per-step sync.
+with an optax optimiser.  The step is *non-finite safe*: the optimiser from :func:`make_optimizer`
+is wrapped in ``optax.apply_if_finite``, so an update that is not finite is skipped (params and
+optimiser state stay as they were), and ``state.nonfinite_step`` records the first step whose loss
+or gradient was not finite, so the host can stop with an error naming it without a per-step sync.
 
 Data parallelism is the single-program form JAX recommends (``jax.pmap`` is in maintenance mode):
-one ``jax.jit`` over a 1-D ``Mesh`` of all devices of all processes, the batch sharded along
-``"data"``, params and optimiser state replicated; XLA inserts the gradient all-reduce.  Mesh axes
-are ``AxisType.Auto`` (with Explicit axes, ``softmax_cross_entropy_with_integer_labels`` fails
-under ``grad`` on JAX ≥ 0.11).  The same code runs on 1 device, N devices and N hosts.
+one ``jax.jit`` over the mesh of :mod:`lateral_jax.core.sharding` (all devices of all processes,
+the batch sharded along its data axis), params and optimiser state replicated; XLA inserts the
+gradient all-reduce.  The same code runs on 1 device, N devices and N hosts.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lateral_jax import ei
+from lateral_jax.core import ei
+from lateral_jax.core.sharding import DATA_AXIS, in_mesh, make_mesh
 
 Batch = dict[str, jax.Array]
 
@@ -73,10 +74,16 @@ class OptimizerConfig:
             raise ValueError(f"grad_clip_norm={self.grad_clip_norm!r} must be > 0 or None (no clipping).")
 
 
+# Consecutive non-finite updates optax.apply_if_finite skips before it lets one through; the host
+# loop stops a run at its first check after a non-finite step, long before this.
+MAX_NONFINITE_UPDATES = 1_000_000
+
+
 def make_optimizer(
     config: OptimizerConfig, *, ei_mode: str = "none", excitatory_fraction: float | None = None
 ) -> optax.GradientTransformation:
-    """Clip → optimiser with schedule (→ the Dale projection when ``ei_mode == "project"``)."""
+    """Clip → optimiser with schedule (→ the Dale projection when ``ei_mode == "project"``), the
+    whole chain under ``optax.apply_if_finite`` (a non-finite update is skipped)."""
     if config.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(
             0.0 if config.warmup_steps else config.learning_rate,
@@ -96,7 +103,7 @@ def make_optimizer(
     parts.append(base)
     if ei_mode == "project":
         parts.append(ei.project_dale(excitatory_fraction=excitatory_fraction))
-    return optax.chain(*parts)
+    return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=MAX_NONFINITE_UPDATES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,16 +134,22 @@ def loss_and_metrics(model: Any, params: Any, batch: Batch) -> tuple[jax.Array, 
 def train_step(
     state: TrainState, batch: Batch, *, model: Any, tx: optax.GradientTransformation
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step; skips the update (and records the step) when anything is non-finite."""
+    """One optimiser step; records the first step whose loss or gradient is not finite.
+
+    Skipping a non-finite update is the optimiser's job (``optax.apply_if_finite`` in
+    :func:`make_optimizer`).
+    """
     (loss, metrics), grads = jax.value_and_grad(lambda p: loss_and_metrics(model, p, batch), has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step)
-    new_state = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), nonfinite_step)
-    return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm}
+    return TrainState(state.step + 1, params, opt_state, nonfinite_step), {
+        **metrics,
+        "loss": loss,
+        "grad_norm": grad_norm,
+    }
 
 
 def eval_step(params: Any, batch: Batch, *, model: Any) -> dict[str, jax.Array]:
@@ -160,18 +173,12 @@ def eval_step(params: Any, batch: Batch, *, model: Any) -> dict[str, jax.Array]:
 # --------------------------------------------------------------------------------------------
 
 
-def make_mesh(devices: list | None = None) -> Mesh:
-    """A 1-D ``("data",)`` mesh over ``devices`` (default: every device of every process), Auto axes."""
-    devices = jax.devices() if devices is None else devices
-    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P("data"))
+    return NamedSharding(mesh, P(DATA_AXIS))
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
@@ -198,18 +205,6 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), jax.device_get(tree)
     )
-
-
-def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
-    """``fn`` traced with ``mesh`` as the abstract mesh in context, so that code that must know the
-    data-parallel layout (the fused Pallas loop kernel, which runs under ``jax.shard_map``) sees it."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return fn(*args, **kwargs)
-
-    return wrapped
 
 
 def jit_train_step(model: Any, tx: optax.GradientTransformation, mesh: Mesh) -> Callable:
@@ -252,114 +247,25 @@ def ei_metrics(params: Any, *, excitatory_fraction: float = 0.8) -> dict[str, fl
     return {f"ei/{k}": float(np.mean([float(d[k]) for d in per_kernel.values()])) for k in keys}
 
 
-# --------------------------------------------------------------------------------------------
-# Device-resident epochs (accelerators): no host round-trip inside an epoch
-# --------------------------------------------------------------------------------------------
-
-
-def augment_on_device(key: jax.Array, images: jax.Array, *, crop_padding: int = 4, flip: bool = True) -> jax.Array:
-    """Random crop of the zero-padded images and random horizontal flip, per example, in JAX."""
-    b, h, w, _ = images.shape
-    k_crop, k_flip = jax.random.split(key)
-    if crop_padding:
-        p = crop_padding
-        padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
-        offsets = jax.random.randint(k_crop, (b, 2), 0, 2 * p + 1)
-        images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))(
-            padded, offsets
-        )
-    if flip:
-        do_flip = jax.random.bernoulli(k_flip, 0.5, (b,))
-        images = jnp.where(do_flip[:, None, None, None], images[:, :, ::-1], images)
-    return images
-
-
-def epoch_batches(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
-    """A seeded permutation cut into ``[steps, batch]`` index blocks (the remainder is dropped)."""
-    steps = num_examples // batch_size
-    return jax.random.permutation(key, num_examples)[: steps * batch_size].reshape(steps, batch_size)
-
-
-def make_device_epoch(
-    model: Any,
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
-    *,
-    batch_size: int,
-    augment: bool = True,
-    crop_padding: int = 4,
-    scan: bool | None = None,
-) -> Callable:
-    """``epoch(state, images, labels, key) -> (state, metrics[steps])`` with the whole dataset on the
-    device(s).
-
-    Each step gathers its batch by a seeded permutation, augments it in JAX and constrains it to
-    the mesh's data axis, then runs the same :func:`train_step` as the host-fed loop.  With
-    ``scan=True`` the epoch is one jitted ``lax.scan`` (nothing returns to the host until the epoch
-    ends); with ``scan=False`` a Python loop calls the jitted step, because XLA:CPU runs convolution
-    gradients inside a rolled loop pathologically slowly (jax-ml/jax#12868; measured 10 vs 250
-    images/s).  ``None`` picks ``scan`` everywhere but on CPU.  Both give the same result.
-    """
-    data = batch_sharding(mesh)
-    rep = replicated(mesh)
-
-    @functools.partial(in_mesh, mesh=mesh)
-    def body_step(state, images, labels, idx, key):
-        x = images[idx]
-        if augment:
-            x = augment_on_device(key, x, crop_padding=crop_padding)
-        batch = {
-            "image": jax.lax.with_sharding_constraint(x, data),
-            "label": jax.lax.with_sharding_constraint(labels[idx], data),
-        }
-        return train_step(state, batch, model=model, tx=tx)
-
-    def schedule(images, key):
-        perm_key, aug_key = jax.random.split(key)
-        blocks = epoch_batches(perm_key, images.shape[0], batch_size)
-        return blocks, jax.random.split(aug_key, blocks.shape[0])
-
-    def epoch_scan(state, images, labels, key):
-        blocks, keys = schedule(images, key)
-        return jax.lax.scan(lambda s, xs: body_step(s, images, labels, *xs), state, (blocks, keys))
-
-    if scan is None:
-        scan = jax.default_backend() != "cpu"
-    if scan:
-        return jax.jit(epoch_scan, in_shardings=(rep, rep, rep, rep), out_shardings=(rep, rep), donate_argnums=0)
-
-    step = jax.jit(body_step, donate_argnums=0)
-
-    def epoch_loop(state, images, labels, key):
-        blocks, keys = schedule(images, key)
-        history = []
-        for i in range(blocks.shape[0]):
-            state, metrics = step(state, images, labels, blocks[i], keys[i])
-            history.append(metrics)
-        return state, jax.tree_util.tree_map(lambda *m: jnp.stack(m), *history)
-
-    return epoch_loop
-
-
-def make_device_eval(model: Any, mesh: Mesh, *, batch_size: int) -> Callable:
-    """``evaluate(params, images, labels) -> accuracy`` over device-resident data (padded batches)."""
-    rep = replicated(mesh)
-
-    @functools.partial(in_mesh, mesh=mesh)
-    def run(params, images, labels):
-        n = images.shape[0]
-        steps = -(-n // batch_size)
-        pad = steps * batch_size - n
-        images = jnp.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0)))
-        labels = jnp.pad(labels, (0, pad), constant_values=-1)
-
-        def body(total, i):
-            sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * batch_size, batch_size)  # noqa: E731
-            out = eval_step(params, {"image": sl(images), "label": sl(labels)}, model=model)
-            return jax.tree_util.tree_map(jnp.add, total, out), None
-
-        zero = {"correct": jnp.zeros((), jnp.int32), "loss_sum": jnp.zeros(()), "count": jnp.zeros((), jnp.int32)}
-        total, _ = jax.lax.scan(body, zero, jnp.arange(steps))
-        return total["correct"] / jnp.maximum(total["count"], 1), total["loss_sum"] / jnp.maximum(total["count"], 1)
-
-    return jax.jit(run, in_shardings=(rep, rep, rep), out_shardings=(rep, rep))
+__all__ = [
+    "Batch",
+    "NonFiniteLossError",
+    "OptimizerConfig",
+    "TrainState",
+    "batch_sharding",
+    "check_batch_size",
+    "ei_metrics",
+    "eval_step",
+    "evaluate",
+    "in_mesh",
+    "init_state",
+    "jit_eval_step",
+    "jit_train_step",
+    "loss_and_metrics",
+    "make_mesh",
+    "make_optimizer",
+    "replicate",
+    "replicated",
+    "shard_batch",
+    "train_step",
+]

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lateral_jax import analysis  # noqa: E402
+from lateral_jax.neuro import analysis  # noqa: E402
 
 
 def _save(fig, path: Path) -> str:

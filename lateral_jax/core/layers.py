@@ -4,7 +4,7 @@
 ``LateralRecurrence`` computes ``recurrence.recur`` on a drive computed elsewhere (used inside
 residual blocks).  Parameter names: ``w_ff``, ``b_ff``, ``w_lat`` (or ``v_lat`` in the
 parametrised E/I form), ``w_inh`` (two-population form), ``drive_norm_{scale,bias}``,
-``loop_norm_{scale,bias}``.
+``loop_norm_{scale,bias}``.  Both take the loop options as one :class:`LoopOptions` value.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lateral_jax import ei, recurrence
-from lateral_jax.recurrence import LateralConfig, LateralParams, NormParams, Unrolled
+from lateral_jax.core import ei, recurrence
+from lateral_jax.core.config import LateralConfig, LoopOptions
+from lateral_jax.core.layer import Unrolled
+from lateral_jax.core.params import LateralParams, NormParams, init_afferent_kernel
 
 
 def _norm_params(module: nn.Module, prefix: str, kind: str, channels: int) -> NormParams | None:
@@ -63,10 +65,11 @@ class LateralConv(nn.Module):
     Attributes:
       features: output channels C.
       num_steps: T lateral loops (0: a plain conv + norm + activation, no lateral parameters).
-      config: :class:`~lateral_jax.recurrence.LateralConfig`.
-      grad_mode, truncate_steps, implicit_tol, implicit_max_steps, scan_unroll: as in ``unroll``.
+      config: :class:`~lateral_jax.core.config.LateralConfig`.
+      loop: :class:`~lateral_jax.core.config.LoopOptions` (gradient mode, truncation, implicit
+        solver, scan unrolling, remat chunks).
       ei_mode: only ``"parametrise"`` changes the parameters (``v_lat`` with fixed signs); the
-        penalty modes act through the loss (:func:`lateral_jax.ei.ei_penalty`).
+        penalty modes act through the loss (:func:`lateral_jax.core.ei.ei_penalty`).
       excitatory_fraction: fraction of E channels for the parametrised form.
       unshared: the compute-matched control: one lateral kernel per loop, ``w_lat: [T, l, l, C, C]``.
       dtype: computation dtype (parameters stay float32).
@@ -75,11 +78,7 @@ class LateralConv(nn.Module):
     features: int
     num_steps: int = 4
     config: LateralConfig = LateralConfig.stable()
-    grad_mode: recurrence.GradMode = "full"
-    truncate_steps: int | None = None
-    implicit_tol: float = 1e-5
-    implicit_max_steps: int = 100
-    scan_unroll: Any = "auto"
+    loop: LoopOptions = LoopOptions()
     ei_mode: ei.EIMode = "none"
     excitatory_fraction: float = 0.8
     unshared: bool = False
@@ -91,18 +90,13 @@ class LateralConv(nn.Module):
         ei.check_mode(self.ei_mode)
         cfg = self.config
         recurrence.check_input(x, x.shape[-1])
-        in_channels, k = x.shape[-1], cfg.kernel_size
-        w_ff = self.param(
-            "w_ff",
-            lambda key: recurrence.he_normal(key, (k, k, in_channels, self.features), fan_in=k * k * in_channels),
-        )
+        w_ff = self.param("w_ff", lambda key: init_afferent_kernel(key, cfg, x.shape[-1], self.features))
         b_ff = self.param("b_ff", nn.initializers.zeros, (self.features,), jnp.float32)
         drive_norm = _norm_params(self, "drive_norm", cfg.drive_norm, self.features)
         x = x.astype(self.dtype)
         if num_steps == 0:
-            params = LateralParams(
-                w_ff, b_ff, None, None, drive_norm, _norm_params(self, "loop_norm", cfg.loop_norm, self.features)
-            )
+            loop_norm = _norm_params(self, "loop_norm", cfg.loop_norm, self.features)
+            params = LateralParams(w_ff, b_ff, None, None, drive_norm, loop_norm)
             a0 = recurrence.initial_state(params, recurrence.afferent_drive(params, x, cfg), cfg)
             return Unrolled(a0, a0[None] if return_states else None, jnp.zeros((), jnp.float32))
         lateral = _declare_lateral(
@@ -116,20 +110,9 @@ class LateralConv(nn.Module):
         )
         params = LateralParams(w_ff, b_ff, drive_norm=drive_norm, **lateral)
         if self.unshared:
-            return recurrence.unroll_unshared(
-                params, x, config=cfg, return_states=return_states, scan_unroll=self.scan_unroll
-            )
+            return recurrence.unroll_unshared(params, x, config=cfg, loop=self.loop, return_states=return_states)
         return recurrence.unroll(
-            params,
-            x,
-            num_steps=num_steps,
-            config=cfg,
-            grad_mode=self.grad_mode,
-            truncate_steps=self.truncate_steps,
-            implicit_tol=self.implicit_tol,
-            implicit_max_steps=self.implicit_max_steps,
-            return_states=return_states,
-            scan_unroll=self.scan_unroll,
+            params, x, num_steps=num_steps, config=cfg, loop=self.loop, return_states=return_states
         )
 
 
@@ -138,9 +121,7 @@ class LateralRecurrence(nn.Module):
 
     num_steps: int = 4
     config: LateralConfig = LateralConfig.stable()
-    grad_mode: recurrence.GradMode = "full"
-    truncate_steps: int | None = None
-    scan_unroll: Any = "auto"
+    loop: LoopOptions = LoopOptions()
     ei_mode: ei.EIMode = "none"
     excitatory_fraction: float = 0.8
 
@@ -158,14 +139,7 @@ class LateralRecurrence(nn.Module):
         )
         params = LateralParams(None, None, **lateral)
         return recurrence.recur(
-            params,
-            drive,
-            num_steps=num_steps,
-            config=self.config,
-            grad_mode=self.grad_mode,
-            truncate_steps=self.truncate_steps,
-            return_states=return_states,
-            scan_unroll=self.scan_unroll,
+            params, drive, num_steps=num_steps, config=self.config, loop=self.loop, return_states=return_states
         )
 
 

@@ -220,11 +220,7 @@ def project_dale(
         check_fraction(excitatory_fraction)
     select = is_lateral or (lambda name: name in ("w_lat", "w_inh"))
 
-    def init_fn(params):
-        del params
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None):
+    def project_updates(updates, params):
         if params is None:
             raise ValueError("project_dale needs params: call optimizer.update(grads, state, params).")
 
@@ -235,9 +231,9 @@ def project_dale(
             new = param + update
             return project_to_signs(new, _target_signs(new, name, excitatory_fraction)) - param
 
-        return jax.tree_util.tree_map_with_path(project, updates, params), state
+        return jax.tree_util.tree_map_with_path(project, updates, params)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.stateless(project_updates)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,53 +1,20 @@
-"""A fused Pallas kernel for the T lateral loops of one layer (opt-in: ``LateralConfig.loop_kernel``).
+"""The Pallas programs of the fused lateral loop kernel (see :mod:`lateral_jax.core.fused`).
 
-The XLA path launches, per loop, a convolution, a normalisation and an activation, and reads the
-drive and the lateral kernel from device memory every time.  Here one Pallas program per example
-runs *all* T loops::
-
-    for t in 1..T:                                  (one program per example, grid = (B,))
-        pass 1, per tile of P pixels:   pre  = d + Σ_taps  a(t-1)[p + δ_tap] · W_lat[tap]
-                                        s₁  += Σ_p pre,   s₂ += Σ_p pre²        (per channel, fp32)
-        group statistics:               μ_g  = Σ_{c∈g} s₁ / n_g,   σ²_g = Σ_{c∈g} s₂ / n_g − μ_g²
-        pass 2, per tile:               a(t) = (1−α) a(t-1) + α f(γ (pre − μ) / √(σ² + ε) + β)
-
-The state of one example is kept flattened, ``[H·W, C]``, between zero margins of ``r·W + r``
-rows or more (``r`` the lateral radius), so a 3×3 tap ``(dy, dx)`` is the row shift ``dy·W + dx``;
-rows whose column wraps around the image edge are masked.  Every loop's state is written to the
-``states`` output ``[T+1, B, margin + H·W + margin, C]``, which is both the kernel's working
-buffer (it stays in L2 on a GPU) and what the backward pass needs.
-
-Backward (``jax.custom_vjp``, hand-written): a second kernel, one program per example, runs the
-loops backwards over the saved states.  Per loop it recomputes ``pre(t)`` from ``a(t-1)`` (one
-convolution; the forward pass keeps only the states), then ``∂L/∂z = α f'(z) ḡ``, the GroupNorm
-backward ``∂L/∂pre = (u − ⟨u⟩_g − x̂ ⟨u x̂⟩_g)/σ`` with ``u = γ ∂L/∂z``, and the transposed lateral
-convolution ``∂L/∂a(t-1) = (1−α) ḡ + Σ_δ ∂L/∂pre[p − δ] W[δ]ᵀ``.  The reductions over loops, batch
-and pixels run in XLA as single large ops: ``∂L/∂d = Σ_t ∂L/∂pre(t)`` and ``∂L/∂W_lat``, the
-weight gradient of one convolution over the ``T·B`` pairs ``(a(t-1), ∂L/∂pre(t))``.
-
-Backends: on GPU the kernel compiles through Pallas's Triton lowering; on CPU and TPU it runs in
-Pallas's interpreter (the same program, for tests; slow).  Constraints (checked, with a clear
-error): full mixing, one lateral kernel (no two-population form), ``C`` a power of two ≥ 16.  Any
-map size: ``H·W`` is rounded up to whole pixel tiles whose tail rows are kept at zero.
-
-Status: the numerics are tested against the XLA reference in interpret mode, and the tests check
-that the kernel lowers to a Triton call for CUDA; its speed on a GPU has not been measured yet
-(``experiments/bench.py --loop-kernel pallas``).
+:func:`loop_kernel` runs all T loops of one example; :func:`loop_grad_kernel` runs them backwards
+over the saved states.  :class:`LoopGeometry` is the static shape both are specialised to.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.sharding import PartitionSpec as P
 
-from lateral_jax import recurrence as rec
+from lateral_jax.core.config import LateralConfig
+from lateral_jax.core.layer import activate
 
-# The mesh axis a data-parallel batch is sharded along (lateral_jax.train.make_mesh's).
-BATCH_AXIS = "data"
 # Tile sizes: every loaded block must have power-of-two sides (Triton) of at least 16 (its dot).
 PIXEL_TILE = 64
 CHANNEL_TILE = 64
@@ -97,7 +64,7 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def check_supported(drive_shape: tuple[int, ...], config: rec.LateralConfig, has_inhibitory: bool) -> None:
+def check_supported(drive_shape: tuple[int, ...], config: LateralConfig, has_inhibitory: bool) -> None:
     """Raises a ``ValueError`` saying why ``loop_kernel='pallas'`` cannot run this layer."""
     c = drive_shape[-1]
     problems = []
@@ -117,7 +84,7 @@ def check_supported(drive_shape: tuple[int, ...], config: rec.LateralConfig, has
         )
 
 
-def geometry(drive_shape: tuple[int, ...], config: rec.LateralConfig, num_steps: int) -> LoopGeometry:
+def geometry(drive_shape: tuple[int, ...], config: LateralConfig, num_steps: int) -> LoopGeometry:
     _, h, w, c = drive_shape
     groups = {"none": 0, "group": config.num_groups, "layer": 1}[config.loop_norm]
     return LoopGeometry(
@@ -257,7 +224,7 @@ def _normalised(pre, stats_ref, scale_ref, bias_ref, dtype):
     return xhat, (xhat * scale_ref[...][None, :] + bias_ref[...][None, :]).astype(dtype)
 
 
-def _loop_kernel(a0_ref, d_ref, w_ref, scale_ref, bias_ref, states_ref, stats_ref, *, g: LoopGeometry, interpret):
+def loop_kernel(a0_ref, d_ref, w_ref, scale_ref, bias_ref, states_ref, stats_ref, *, g: LoopGeometry, interpret):
     """Forward, one program = one example. Refs: a0, d ``[HW, C]``; w ``[l·l, C, C]``; scale, bias
     ``[C]``; states ``[T+1, rows, C]`` (output); stats ``[4, C]`` fp32 scratch (Σpre, Σpre², μ, 1/σ)."""
     p_tile = g.pixel_tile
@@ -284,7 +251,7 @@ def _loop_kernel(a0_ref, d_ref, w_ref, scale_ref, bias_ref, states_ref, stats_re
             z = states_ref[t, rows, :]
             if g.num_groups:
                 z = _normalised(z, stats_ref, scale_ref, bias_ref, dtype)[1]
-            new = rec.activate(z, g.activation)
+            new = activate(z, g.activation)
             if g.leak != 1.0:
                 new = ((1.0 - g.leak) * states_ref[t - 1, rows, :] + g.leak * new).astype(dtype)
             states_ref[t, rows, :] = _inside(new, i * p_tile, g)  # tail rows stay zero padding
@@ -297,7 +264,7 @@ def _loop_kernel(a0_ref, d_ref, w_ref, scale_ref, bias_ref, states_ref, stats_re
     jax.lax.fori_loop(1, g.num_steps + 1, one_loop, 0)
 
 
-def _loop_grad_kernel(
+def loop_grad_kernel(
     states_ref,
     d_ref,
     w_ref,
@@ -357,7 +324,7 @@ def _loop_grad_kernel(
                 xhat, z = _normalised(pre, stats_ref, scale_ref, bias_ref, dtype)
             else:
                 z = pre
-            act_vjp = jax.vjp(lambda v: rec.activate(v, g.activation), z.astype(jnp.float32))[1]
+            act_vjp = jax.vjp(lambda v: activate(v, g.activation), z.astype(jnp.float32))[1]
             gz = _inside(g.leak * act_vjp(gbar)[0], i * p_tile, g)
             if not g.num_groups:
                 gpre_ref[t - 1, pl.ds(g.margin + i * p_tile, p_tile), :] = gz
@@ -428,198 +395,3 @@ def _loop_grad_kernel(
         return carry
 
     jax.lax.fori_loop(0, n_tiles, final_tile, 0)
-
-
-def _compiler_params(interpret: bool) -> dict:
-    if interpret:
-        return {}
-    from jax.experimental.pallas import triton as plt
-
-    return {"compiler_params": plt.CompilerParams(num_warps=4, num_stages=1)}
-
-
-def _per_example(*shape) -> pl.BlockSpec:
-    """Block of one example of a ``[B, *shape]`` array (batch axis squeezed)."""
-    return pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
-
-
-def _per_example_time_major(*shape) -> pl.BlockSpec:
-    """Block of one example of a ``[T', B, *shape]`` array."""
-    return pl.BlockSpec((shape[0], None, *shape[1:]), lambda i: (0, i) + (0,) * (len(shape) - 1))
-
-
-def _shared(*shape) -> pl.BlockSpec:
-    return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
-
-
-def _flat_pixels(x: jax.Array, g: LoopGeometry) -> jax.Array:
-    """``[..., H, W, C]`` → ``[..., H·W rounded up to whole tiles, C]`` (zero tail rows)."""
-    flat = x.reshape(*x.shape[:-3], g.pixels, g.channels)
-    pad = [(0, 0)] * (flat.ndim - 2) + [(0, g.padded_pixels - g.pixels), (0, 0)]
-    return jnp.pad(flat, pad) if g.padded_pixels != g.pixels else flat
-
-
-def _kernel_args(drive, w_lat, g: LoopGeometry):
-    taps, c = (2 * g.radius + 1) ** 2, g.channels
-    return _flat_pixels(drive, g), w_lat.astype(drive.dtype).reshape(taps, c, c)
-
-
-def _call_kernel(a0, drive, w_lat, scale, bias, g: LoopGeometry, interpret: bool) -> jax.Array:
-    """The padded states ``[T+1, B, rows, C]`` (see the module docstring)."""
-    b, c, hw, taps = drive.shape[0], g.channels, g.padded_pixels, (2 * g.radius + 1) ** 2
-    d, w = _kernel_args(drive, w_lat, g)
-    states, _ = pl.pallas_call(
-        functools.partial(_loop_kernel, g=g, interpret=interpret),
-        out_shape=(
-            jax.ShapeDtypeStruct((g.num_steps + 1, b, g.rows, c), drive.dtype),
-            jax.ShapeDtypeStruct((b, 4, c), jnp.float32),
-        ),
-        grid=(b,),
-        in_specs=[_per_example(hw, c), _per_example(hw, c), _shared(taps, c, c), _shared(c), _shared(c)],
-        out_specs=(_per_example_time_major(g.num_steps + 1, g.rows, c), _per_example(4, c)),
-        interpret=interpret,
-        name="lateral_loops",
-        **_compiler_params(interpret),
-    )(_flat_pixels(a0, g), d, w, scale, bias)
-    return states
-
-
-def _call_grad_kernel(states, drive, w_lat, scale, bias, g_states, g: LoopGeometry, interpret: bool):
-    """``(∂L/∂pre(1..T) [T, B, rows, C] padded, ∂L/∂a(0) [B, HW, C], (∂L/∂γ, ∂L/∂β) [B, 2, C])``."""
-    b, c, hw, taps, t = drive.shape[0], g.channels, g.padded_pixels, (2 * g.radius + 1) ** 2, g.num_steps
-    d, w = _kernel_args(drive, w_lat, g)
-    f32 = jnp.float32
-    gpre, ga0, gnorm, *_ = pl.pallas_call(
-        functools.partial(_loop_grad_kernel, g=g, interpret=interpret),
-        out_shape=(
-            jax.ShapeDtypeStruct((t, b, g.rows, c), f32),  # ∂L/∂pre(t), padded
-            jax.ShapeDtypeStruct((b, hw, c), f32),  # ∂L/∂a(0)
-            jax.ShapeDtypeStruct((b, 2, c), f32),  # ∂L/∂γ, ∂L/∂β per example
-            jax.ShapeDtypeStruct((b, hw, c), f32),  # scratch: running ∂L/∂a(t)
-            jax.ShapeDtypeStruct((b, hw, c), drive.dtype),  # scratch: pre(t)
-            jax.ShapeDtypeStruct((b, hw, c), f32),  # scratch: ∂L/∂z
-            jax.ShapeDtypeStruct((b, 8, c), f32),  # scratch: statistics
-        ),
-        grid=(b,),
-        in_specs=[
-            _per_example_time_major(t + 1, g.rows, c),
-            _per_example(hw, c),
-            _shared(taps, c, c),
-            _shared(c),
-            _shared(c),
-            _per_example_time_major(t + 1, hw, c),
-        ],
-        out_specs=(
-            _per_example_time_major(t, g.rows, c),
-            _per_example(hw, c),
-            _per_example(2, c),
-            _per_example(hw, c),
-            _per_example(hw, c),
-            _per_example(hw, c),
-            _per_example(8, c),
-        ),
-        interpret=interpret,
-        name="lateral_loops_grad",
-        **_compiler_params(interpret),
-    )(states, d, w, scale, bias, _flat_pixels(g_states, g))
-    return gpre, ga0, gnorm
-
-
-def _unpad(states: jax.Array, g: LoopGeometry) -> jax.Array:
-    t1, b = states.shape[:2]
-    return states[:, :, g.margin : g.margin + g.pixels].reshape(t1, b, g.height, g.width, g.channels)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _fused_states(a0, drive, w_lat, scale, bias, g, conv_algorithm, interpret):
-    return _unpad(_call_kernel(a0, drive, w_lat, scale, bias, g, interpret), g)
-
-
-def _fused_states_fwd(a0, drive, w_lat, scale, bias, g, conv_algorithm, interpret):
-    padded = _call_kernel(a0, drive, w_lat, scale, bias, g, interpret)
-    return _unpad(padded, g), (padded, drive, w_lat, scale, bias)
-
-
-def _fused_states_bwd(g, conv_algorithm, interpret, residuals, g_states):
-    """The fused backward kernel for the sequential part; the two reductions over loops, batch and
-    pixels run in XLA as single large ops: ``∂L/∂d = Σ_t ∂L/∂pre(t)`` and ``∂L/∂W`` as the
-    weight-gradient of one convolution over the ``T·B`` pairs ``(a(t-1), ∂L/∂pre(t))``."""
-    padded, drive, w_lat, scale, bias = residuals
-    gpre, ga0, gnorm = _call_grad_kernel(padded, drive, w_lat, scale, bias, g_states, g, interpret)
-    t, b = g.num_steps, drive.shape[0]
-    gpre = _unpad(gpre, g).astype(drive.dtype)
-    inputs = _unpad(padded[:-1], g)
-    flat = (t * b, g.height, g.width, g.channels)
-
-    def conv(w):
-        return rec.conv(inputs.reshape(flat), w, algorithm=conv_algorithm)
-
-    g_w = jax.vjp(conv, w_lat.astype(drive.dtype))[1](gpre.reshape(flat))[0].astype(w_lat.dtype)
-    g_d = jnp.sum(gpre.astype(jnp.float32), axis=0).astype(drive.dtype)
-    g_a0 = ga0[:, : g.pixels].reshape(drive.shape).astype(drive.dtype)
-    g_scale, g_bias = jnp.sum(gnorm[:, 0], axis=0).astype(scale.dtype), jnp.sum(gnorm[:, 1], axis=0).astype(bias.dtype)
-    return g_a0, g_d, g_w, g_scale, g_bias
-
-
-_fused_states.defvjp(_fused_states_fwd, _fused_states_bwd)
-
-
-def loop_states(
-    params: rec.LateralParams,
-    drive: jax.Array,
-    a0: jax.Array,
-    *,
-    num_steps: int,
-    config: rec.LateralConfig,
-    interpret: bool | None = None,
-) -> jax.Array:
-    """``a(0..T)`` as ``[T+1, B, H, W, C]``, the loops run by the fused kernel; ``a0 = a(0)``.
-
-    Equal (up to float reassociation) to the XLA loop of :func:`lateral_jax.recurrence.recur`, and
-    differentiable in ``a0``, ``drive``, ``W_lat`` and the loop norm's parameters.  ``interpret``:
-    run Pallas's interpreter (default: everywhere but on a GPU).
-    """
-    check_supported(drive.shape, config, params.w_inh is not None)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    g = geometry(drive.shape, config, num_steps)
-    c = g.channels
-    if params.loop_norm is not None:
-        scale, bias = params.loop_norm.scale, params.loop_norm.bias
-    else:
-        scale, bias = jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32)
-
-    def run(a0, drive, w_lat, scale, bias):
-        return _fused_states(a0, drive, w_lat, scale, bias, g, config.conv_algorithm, bool(interpret))
-
-    mesh = _data_parallel_mesh(drive.shape[0])
-    if mesh is not None:  # one kernel per device on its shard of the batch; W_lat's gradient is summed
-        batch, shared = P(BATCH_AXIS), P()
-        run = jax.shard_map(
-            run,
-            mesh=mesh,
-            in_specs=(batch, batch, shared, shared, shared),
-            out_specs=P(None, BATCH_AXIS),
-            check_vma=False,  # pallas_call outputs carry no varying-axes annotation
-        )
-    return run(a0, drive, params.w_lat, scale, bias)
-
-
-def _data_parallel_mesh(batch: int):
-    """The mesh in context (``jax.sharding.use_abstract_mesh``, set by :mod:`lateral_jax.train`)
-    when it shards the batch along :data:`BATCH_AXIS` over more than one device, else ``None``.
-
-    A ``pallas_call`` has no rule for XLA's automatic partitioning, so under a data-parallel ``jit``
-    the kernel runs inside ``jax.shard_map``, one call per device on its examples."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or BATCH_AXIS not in mesh.axis_names or mesh.shape[BATCH_AXIS] == 1:
-        return None
-    if batch % mesh.shape[BATCH_AXIS]:
-        raise ValueError(
-            f"loop_kernel='pallas' runs per device: the batch of {batch} does not split over the "
-            f"{mesh.shape[BATCH_AXIS]} devices of the mesh's {BATCH_AXIS!r} axis; use a multiple of it."
-        )
-    return mesh
-
-
-__all__ = ["LoopGeometry", "check_supported", "geometry", "loop_states"]

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lateral_jax import analysis, ei, stimuli
-from lateral_jax.data.pipeline import Normalisation
+from lateral_jax.core import ei
+from lateral_jax.neuro import analysis, stimuli
+from lateral_jax.training.data.pipeline import Normalisation
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,42 @@
+"""Model variants by name: a base kind plus optional suffixes, so each variant is defined once.
+
+  <kind>[_T<n>][_l<λ>][_param|_proj]
+
+``kind`` is a ``ModelConfig.kind`` (fcnn, fcnn_matched, lccnn, lceicnn, unshared, lateral_resnet);
+``_T<n>`` sets T = n lateral loops; ``lceicnn`` is the mixed-sign E/I penalty with λ_EI = 1e-3,
+``_l<λ>`` sets λ_EI, ``_param`` / ``_proj`` use the parametrised or projected E/I form instead (no
+loss term).  Examples: ``lccnn_T2``, ``lceicnn_T4_l1e-2``, ``lceicnn_param``, ``unshared_T4``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+KINDS = ("fcnn_matched", "fcnn", "lccnn", "lceicnn", "unshared", "lateral_resnet")
+_NAME = re.compile(r"^(?P<kind>" + "|".join(KINDS) + r")(?P<suffixes>(?:_T\d+|_l[0-9.]+(?:e-?\d+)?|_param|_proj)*)$")
+_SUFFIX = re.compile(r"_(T\d+|l[0-9.]+(?:e-?\d+)?|param|proj)")
+
+# The paper's three models and the two controls (the main job trains the first three).
+STANDARD = ("fcnn", "lccnn", "lceicnn", "lceicnn_param", "lceicnn_proj", "fcnn_matched", "unshared")
+
+
+def overrides(name: str) -> dict[str, Any]:
+    """The ``ModelConfig`` fields that variant ``name`` sets (raises ``ValueError`` for a bad name)."""
+    match = _NAME.match(name)
+    if match is None:
+        raise ValueError(
+            f"variant {name!r} is not a valid name: <kind>[_T<n>][_l<lambda>][_param|_proj] with kind one of "
+            f"{', '.join(KINDS)} (e.g. {', '.join(STANDARD)})."
+        )
+    out: dict[str, Any] = {"kind": match["kind"]}
+    if match["kind"] == "lceicnn":
+        out.update(ei_mode="mixed_sign", ei_weight=1e-3)
+    for suffix in _SUFFIX.findall(match["suffixes"]):
+        if suffix.startswith("T"):
+            out["num_steps"] = int(suffix[1:])
+        elif suffix.startswith("l"):
+            out["ei_weight"] = float(suffix[1:])
+        else:
+            out.update(ei_mode="parametrise" if suffix == "param" else "project", ei_weight=0.0)
+    return out

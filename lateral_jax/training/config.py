@@ -1,0 +1,183 @@
+"""The typed configuration of a training run, its validation and its one conversion from plain dicts.
+
+:class:`RunConfig` nests :class:`DataConfig`, :class:`ModelConfig` (which holds the layer's
+:class:`~lateral_jax.core.config.LateralConfig` and :class:`~lateral_jax.core.config.LoopOptions`)
+and :class:`~lateral_jax.training.train.OptimizerConfig`.  :func:`from_dict` builds one from a
+nested dict — an ``ml_collections`` config's ``to_dict()`` or a run folder's ``config.json`` —
+and :func:`to_dict` is its inverse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from lateral_jax.core import ei
+from lateral_jax.core.config import LateralConfig, LoopOptions
+from lateral_jax.training.data import sources
+from lateral_jax.training.train import OptimizerConfig
+
+SYNTHETIC = ("contour", "pathfinder")
+DATASETS = (*SYNTHETIC, *sources.REGISTERED, "image_folder")
+MODEL_KINDS = ("fcnn", "fcnn_matched", "lccnn", "lceicnn", "unshared", "lateral_resnet")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the examples come from.
+
+    Attributes:
+      dataset: contour | pathfinder | mnist | fashion_mnist | cifar10 | image_folder.
+      num_train, num_validation: sizes of the generated splits (synthetic tasks).
+      task: spec overrides of the synthetic task (e.g. ``{"path_angle": 30.0}``).
+      archive: path of the image archive/folder (``image_folder``).
+      image_size: images are resized to this (``image_folder``).
+      validation_fraction: seeded, stratified validation split of the training split when the
+        dataset has no validation split of its own (``image_folder``; tfds datasets use ``test``).
+      train_subset: use only this many (stratified, seeded) training examples.
+      seed: seed of the generated examples and of the splits; ``None`` uses the run's seed.
+      data_dir: tfds data folder; download: let tfds download registered datasets.
+      augment: random crop (padding 4) + horizontal flip for natural images.
+    """
+
+    dataset: str = "contour"
+    num_train: int = 8192
+    num_validation: int = 2048
+    task: tuple[tuple[str, Any], ...] = ()
+    archive: str | None = None
+    image_size: int = 32
+    validation_fraction: float = 0.1
+    train_subset: int | None = None
+    seed: int | None = None
+    data_dir: str | None = None
+    download: bool = True
+    augment: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which model, its size and its lateral layers.
+
+    Attributes:
+      kind: fcnn | fcnn_matched (F-CNN widened to the LC-CNN's parameter count) | lccnn |
+        lceicnn | unshared (compute-matched control) | lateral_resnet.
+      widths: channels per stage.
+      num_steps: T lateral loops (ignored for the F-CNN kinds).
+      lateral: the lateral layers' :class:`LateralConfig`.
+      loop: how their loops run and are differentiated, :class:`LoopOptions`.
+      ei_mode, ei_weight, excitatory_fraction: E/I separation (:mod:`lateral_jax.core.ei`).
+      dtype: computation dtype, float32 or bfloat16 (parameters stay float32).
+    """
+
+    kind: str = "lccnn"
+    widths: tuple[int, ...] = (16, 32, 64)
+    num_steps: int = 4
+    lateral: LateralConfig = LateralConfig.stable()
+    loop: LoopOptions = LoopOptions()
+    ei_mode: str = "none"
+    ei_weight: float = 0.0
+    excitatory_fraction: float = 0.8
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One training run.
+
+    Attributes:
+      batch_size: global batch (split over all devices).
+      num_epochs: passes over the training split (a whole number with ``device_data``).
+      log_every, eval_every, checkpoint_every: in steps; 0 means once per epoch.
+      keep_checkpoints: newest checkpoints kept.
+      device_data: keep the whole (normalised) training split on the device(s) and run each
+        epoch as one jitted call (:mod:`lateral_jax.training.device_epochs`) instead of feeding
+        host batches; augmentation then runs in JAX.  Logging, evaluation and checkpoints happen
+        at epoch ends.
+      progress: show a progress bar.
+    """
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    batch_size: int = 64
+    num_epochs: float = 4.0
+    seed: int = 0
+    log_every: int = 20
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    device_data: bool = False
+    progress: bool = True
+
+
+def validate(config: RunConfig) -> None:
+    """Raises ``ValueError`` naming the field, the value and the fix."""
+    d, m = config.data, config.model
+    if d.dataset not in DATASETS:
+        raise ValueError(f"dataset={d.dataset!r} is unknown; choose one of {', '.join(DATASETS)}.")
+    if m.kind not in MODEL_KINDS:
+        raise ValueError(f"model kind={m.kind!r} is unknown; choose one of {', '.join(MODEL_KINDS)}.")
+    if d.dataset == "image_folder":
+        if not d.archive:
+            raise ValueError("dataset='image_folder' needs archive=<path of a [split/]class/image archive or folder>.")
+        if not Path(d.archive).exists():
+            raise ValueError(f"archive={d.archive!r} does not exist; give the path of the image archive or folder.")
+    if m.ei_weight < 0:
+        raise ValueError(f"ei_weight={m.ei_weight!r} must be >= 0 (λ_EI in CE + λ_EI·L_EI).")
+    ei.check_mode(m.ei_mode)
+    ei.check_fraction(m.excitatory_fraction)
+    if m.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={m.dtype!r} must be 'float32' or 'bfloat16'.")
+    if config.batch_size < 1:
+        raise ValueError(f"batch_size={config.batch_size!r} must be >= 1.")
+    if config.num_epochs <= 0:
+        raise ValueError(f"num_epochs={config.num_epochs!r} must be > 0.")
+    if config.device_data and config.num_epochs != int(config.num_epochs):
+        raise ValueError(
+            f"num_epochs={config.num_epochs!r} must be a whole number with device_data=True (one call per epoch)."
+        )
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A (nested) config dataclass as plain dicts, lists and scalars (JSON-ready)."""
+    return dataclasses.asdict(config)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """``value`` converted to the annotated type ``hint`` (nested dataclasses, tuples, optionals)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        options = [h for h in typing.get_args(hint) if h is not type(None)]
+        return _coerce(options[0], value, where) if len(options) == 1 else value
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else from_dict(value, hint, where=where)
+    if origin is tuple:
+        if isinstance(value, dict):  # a mapping of spec overrides
+            return tuple(sorted(value.items()))
+        args = typing.get_args(hint)
+        item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        return tuple(v if item is None else _coerce(item, v, where) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def from_dict(raw: dict[str, Any], cls: type = RunConfig, *, where: str = "config") -> Any:
+    """Builds the config dataclass ``cls`` from a nested dict; unknown fields are an error.
+
+    Missing fields take their defaults.  Nested dicts become the annotated dataclasses, lists
+    become tuples, a dict where a tuple of pairs is expected becomes its sorted items.
+    """
+    if not isinstance(raw, dict):
+        raise TypeError(f"{where} must be a mapping of {cls.__name__} fields; got {type(raw).__name__}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ValueError(f"{where} has unknown field(s) {unknown}; {cls.__name__} has {names}.")
+    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in raw.items()})

@@ -1,0 +1,442 @@
+"""``train_and_evaluate(config, workdir)``: one training run, resumable, on every device.
+
+A run writes to ``workdir``: ``config.json``, ``checkpoints/`` (orbax), ``metrics.jsonl`` (one JSON
+object per log or eval event; TensorBoard events too with the ``tensorboard`` extra) and
+``final.json``.  Re-running with the same ``workdir`` resumes from the newest readable checkpoint,
+including the data iterator's position, so a resumed run sees exactly the batches an
+uninterrupted run sees.  Batches come from the host (a grain pipeline, one step per call) or,
+with ``RunConfig.device_data``, from the device (the whole split on the device, one jitted call
+per epoch); both run the same :func:`lateral_jax.training.train.train_step`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lateral_jax.core import models
+from lateral_jax.training import checkpoint, device_epochs, train
+from lateral_jax.training.config import (
+    DATASETS,
+    MODEL_KINDS,
+    SYNTHETIC,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    from_dict,
+    to_dict,
+    validate,
+)
+from lateral_jax.training.data import pipeline, sources, synthetic
+from lateral_jax.training.metrics import MetricWriter
+
+# --------------------------------------------------------------------------------------------
+# Data and model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Data:
+    """The splits of a run (random-access sources) and what the model needs to know about them."""
+
+    train: Any
+    validation: Any
+    normalisation: pipeline.Normalisation
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    class_names: list[str]
+
+
+def _subset(source: Any, size: int | None, seed: int) -> Any:
+    if size is None or size >= len(source):
+        return source
+    labels = sources.labels_of(source)
+    _, keep = sources.train_validation_split(labels, validation_fraction=size / len(source), seed=seed + 7)
+    return sources.Subset(source, keep)
+
+
+def build_data(config: DataConfig, seed: int) -> Data:
+    """The training and validation sources of ``config`` (``config.seed``, or else ``seed``, seeds
+    the generated examples and the splits)."""
+    seed = seed if config.seed is None else config.seed
+    if config.dataset in SYNTHETIC:
+        task = dict(config.task)
+        train_arrays = synthetic.make_task(config.dataset, config.num_train, seed=seed, **task)
+        val_arrays = synthetic.make_task(config.dataset, config.num_validation, seed=seed + 10_000, **task)
+        tr, va = sources.ArraySource(train_arrays), sources.ArraySource(val_arrays)
+        tr = _subset(tr, config.train_subset, seed)
+        return Data(tr, va, pipeline.IDENTITY, 2, tr[0]["image"].shape, ["absent", "present"])
+    if config.dataset == "image_folder":
+        full, names = sources.image_folder_source(
+            config.archive, "train", image_size=config.image_size, data_dir=config.data_dir
+        )
+        train_idx, val_idx = sources.train_validation_split(
+            sources.labels_of(full), validation_fraction=config.validation_fraction, seed=seed
+        )
+        tr, va = sources.Subset(full, train_idx), sources.Subset(full, val_idx)
+    else:
+        tr = sources.Subset(
+            sources.tfds_source(config.dataset, "train", data_dir=config.data_dir, download=config.download)
+        )
+        va = sources.Subset(
+            sources.tfds_source(config.dataset, "test", data_dir=config.data_dir, download=config.download)
+        )
+        names = [str(i) for i in range(10)]
+    tr = _subset(tr, config.train_subset, seed)
+    norm = pipeline.channel_stats(tr, seed=seed)
+    image = np.asarray(tr[0]["image"])
+    shape = image.shape if image.ndim == 3 else (*image.shape, 1)
+    return Data(tr, va, norm, len(names), tuple(shape), list(names))
+
+
+def build_model(config: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -> Any:
+    """The Flax model of ``config`` for ``num_classes`` outputs and ``input_shape`` (H, W, C) inputs."""
+    common = dict(
+        num_classes=num_classes,
+        lateral=config.lateral,
+        loop=config.loop,
+        ei_mode=config.ei_mode,
+        ei_weight=config.ei_weight,
+        excitatory_fraction=config.excitatory_fraction,
+        dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32,
+    )
+    if config.kind == "lateral_resnet":
+        return models.LateralResNet(widths=config.widths, num_steps=config.num_steps, **common)
+    if config.kind == "fcnn":
+        return models.LateralCNN(widths=config.widths, num_steps=0, **common)
+    if config.kind == "fcnn_matched":
+        reference = models.LateralCNN(widths=config.widths, num_steps=config.num_steps, **common)
+        widths = models.param_matched_widths(reference, (1, *input_shape), multiple=config.lateral.num_groups)
+        return models.LateralCNN(widths=widths, num_steps=0, **common)
+    unshared = config.kind == "unshared"
+    return models.LateralCNN(widths=config.widths, num_steps=config.num_steps, unshared=unshared, **common)
+
+
+# --------------------------------------------------------------------------------------------
+# Where the batches come from
+# --------------------------------------------------------------------------------------------
+
+
+class HostFeed:
+    """One train step per :meth:`advance`, on the next batch of a grain pipeline."""
+
+    def __init__(self, config: RunConfig, data: Data, step_fn, mesh):
+        self.steps_per_advance = 1
+        self.step_fn, self.mesh = step_fn, mesh
+        self.iterator = iter(
+            pipeline.train_dataset(
+                data.train,
+                global_batch_size=config.batch_size,
+                seed=config.seed,
+                normalisation=data.normalisation,
+                augmentation=pipeline.Augmentation() if config.data.augment else None,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
+        )
+
+    shard = staticmethod(train.shard_batch)
+
+    def advance(self, state: train.TrainState):
+        return self.step_fn(state, self.shard(next(self.iterator), self.mesh))
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, data_state: dict) -> None:
+        self.iterator.set_state(data_state)
+
+
+class DeviceFeed:
+    """One epoch per :meth:`advance`, on the training split held on the device(s)."""
+
+    def __init__(self, config: RunConfig, data: Data, model: Any, tx, mesh):
+        images, labels = pipeline.to_arrays(data.train, data.normalisation)
+        self.images, self.labels = train.replicate(images, mesh), train.replicate(labels, mesh)
+        self.steps_per_advance = len(labels) // config.batch_size
+        self.epoch_fn = device_epochs.make_device_epoch(
+            model, tx, mesh, batch_size=config.batch_size, augment=config.data.augment
+        )
+        self.key = jax.random.key(config.seed + 1000)
+        self.epoch = 0
+
+    def advance(self, state: train.TrainState):
+        state, history = self.epoch_fn(state, self.images, self.labels, jax.random.fold_in(self.key, self.epoch))
+        self.epoch += 1
+        return state, jax.tree_util.tree_map(jnp.mean, history)
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch}
+
+    def set_state(self, data_state: dict) -> None:
+        self.epoch = int(data_state["epoch"])
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop polls (save, then exit).
+
+    Multi-host runs also stop at orbax's preemption sync point (``reached_preemption``), which
+    agrees across hosts on one step; that service exists only after ``jax.distributed.initialize``,
+    so a single process relies on this flag.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def _host(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _crossed(before: int, after: int, every: int, total: int) -> bool:
+    """Whether a multiple of ``every`` lies in ``(before, after]``, or ``after`` is the last step."""
+    return after // every > before // every or after == total
+
+
+class _Run:
+    """The pieces of one run; :meth:`train` is the loop."""
+
+    def __init__(self, config: RunConfig, workdir: Path):
+        self.config, self.workdir = config, workdir
+        self.is_main = jax.process_index() == 0
+        self.mesh = train.make_mesh()
+        train.check_batch_size(config.batch_size, self.mesh)
+        self.data = build_data(config.data, config.seed)
+        self.model = build_model(config.model, self.data.num_classes, self.data.input_shape)
+        self.steps_per_epoch = max(1, len(self.data.train) // config.batch_size)
+        self.total_steps = max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
+        optimizer = dataclasses.replace(config.optimizer, total_steps=self.total_steps)
+        self.tx = train.make_optimizer(optimizer, ei_mode=config.model.ei_mode)
+        example = jnp.zeros((1, *self.data.input_shape), jnp.float32)
+        self.initial = train.replicate(
+            train.init_state(self.model, self.tx, jax.random.key(config.seed), example), self.mesh
+        )
+        if config.device_data:
+            self.feed = DeviceFeed(config, self.data, self.model, self.tx, self.mesh)
+        else:
+            self.feed = HostFeed(config, self.data, train.jit_train_step(self.model, self.tx, self.mesh), self.mesh)
+        self.eval_fn = train.jit_eval_step(self.model, self.mesh)
+        self.ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+        self.writer = MetricWriter(workdir, enabled=self.is_main)
+
+    def evaluate(self, state: train.TrainState, step: int) -> dict[str, float]:
+        batches = pipeline.eval_batches(
+            self.data.validation,
+            global_batch_size=self.config.batch_size,
+            normalisation=self.data.normalisation,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        result = train.evaluate(self.eval_fn, state.params, batches, self.mesh)
+        values = {"accuracy": result["accuracy"], "loss": result["loss"], **train.ei_metrics(state.params)}
+        self.writer.write(step, "eval", values)
+        return values
+
+    def check_finite(self, state: train.TrainState) -> None:
+        bad = int(state.nonfinite_step)
+        if bad >= 0:
+            self.ckpt.wait()
+            kept = self.ckpt.all_steps()
+            raise train.NonFiniteLossError(
+                f"non-finite loss or gradient at step {bad} (updates from that step on were skipped). "
+                f"The last good checkpoint is kept: step {kept[-1] if kept else 'none'} in {self.ckpt.directory}. "
+                "Lower the learning rate, enable grad_clip_norm, or use a loop norm (LateralConfig.stable())."
+            )
+
+    def progress_bar(self, start: int):
+        if not (self.config.progress and self.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.total_steps,
+            initial=start,
+            desc=self.config.model.kind,
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    def train(self, state: train.TrainState, start: int):
+        """Runs from step ``start`` to the end (or a preemption); returns
+        ``(state, last eval, last train metrics, preempted)``."""
+        c, total = self.config, self.total_steps
+        log_every = c.log_every or self.steps_per_epoch
+        eval_every = c.eval_every or self.steps_per_epoch
+        checkpoint_every = c.checkpoint_every or self.steps_per_epoch
+        bar = self.progress_bar(start)
+        window_t, window_images = time.perf_counter(), 0
+        last_eval: dict[str, float] = {}
+        last_train: dict[str, float] = {}
+        step, preempted = start, False
+        with _SigtermFlag() as sigterm:
+            while step < total and not preempted:
+                state, metrics = self.feed.advance(state)
+                before, step = step, step + self.feed.steps_per_advance
+                window_images += (step - before) * c.batch_size
+                if _crossed(before, step, log_every, total):
+                    self.check_finite(state)
+                    last_train = _host(metrics)
+                    now = time.perf_counter()
+                    last_train["images_per_s"] = window_images / max(now - window_t, 1e-9)
+                    window_t, window_images = now, 0
+                    self.writer.write(step, "train", last_train)
+                    if bar is not None:
+                        loss, acc, rate = last_train["loss"], last_train["accuracy"], last_train["images_per_s"]
+                        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{rate:.0f}")
+                if bar is not None:
+                    bar.update(step - before)
+                if _crossed(before, step, eval_every, total):
+                    self.check_finite(state)
+                    last_eval = self.evaluate(state, step)
+                    if bar is not None:
+                        bar.write(f"[{c.model.kind}] step {step}: validation accuracy {last_eval['accuracy']:.4f}")
+                preempted = sigterm.requested or self.ckpt.manager.reached_preemption(step)
+                if _crossed(before, step, checkpoint_every, total) or preempted:
+                    self.check_finite(state)
+                    self.ckpt.save(step, state, self.feed.get_state(), force=preempted)
+        if bar is not None:
+            bar.close()
+        return state, last_eval, last_train, preempted
+
+
+def train_and_evaluate(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
+    """Trains (or resumes) one model; returns the final metrics (also written to ``final.json``).
+
+    Returns ``{"preempted": True, "step": s}`` instead when SIGTERM (or a multi-host preemption
+    notice) stopped the run after saving a checkpoint at step ``s``; rerun to resume.
+    """
+    validate(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    r = _Run(config, workdir)
+    state = r.initial
+    restored = r.ckpt.restore(state)
+    if restored is not None:
+        _, state, data_state = restored
+        r.feed.set_state(data_state)
+    if r.is_main:
+        (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2, default=str))
+    try:
+        state, last_eval, last_train, preempted = r.train(state, int(state.step))
+    finally:
+        r.ckpt.close()
+        r.writer.close()
+    if preempted:
+        warnings.warn(
+            f"SIGTERM: checkpoint saved at step {int(state.step)} in {r.ckpt.directory}; rerun to resume.", stacklevel=2
+        )
+        return {"preempted": True, "step": int(state.step)}
+    if not last_eval:  # resumed after the final step: evaluate the restored state
+        last_eval = r.evaluate(state, int(state.step))
+    final = {
+        "model": config.model.kind,
+        "dataset": config.data.dataset,
+        "steps": int(state.step),
+        "num_params": models.param_count(state.params),
+        "widths": list(getattr(r.model, "widths", config.model.widths)),
+        "train_examples": len(r.data.train),
+        "validation_examples": len(r.data.validation),
+        "validation_accuracy": last_eval["accuracy"],
+        "validation_loss": last_eval["loss"],
+        "train": last_train,
+        "ei": {k: v for k, v in last_eval.items() if k.startswith("ei/")},
+        "device": jax.devices()[0].device_kind,
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    if r.is_main:
+        (workdir / "final.json").write_text(json.dumps(final, indent=2))
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a finished run
+# --------------------------------------------------------------------------------------------
+
+
+def load_run_config(workdir: str | Path) -> RunConfig:
+    """The ``RunConfig`` a run was trained with (from ``<workdir>/config.json``)."""
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: {workdir} is not a lateral_jax training run folder.")
+    return from_dict(json.loads(path.read_text()), where=str(path))
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    config: RunConfig
+    data: Data
+    model: Any
+    params: Any
+    step: int
+
+
+def load_trained(workdir: str | Path) -> TrainedRun:
+    """Config, data, model and the newest readable checkpoint's parameters of a run."""
+    config = load_run_config(workdir)
+    data = build_data(config.data, config.seed)
+    model = build_model(config.model, data.num_classes, data.input_shape)
+    tx = train.make_optimizer(config.optimizer, ei_mode=config.model.ei_mode)
+    mesh = train.make_mesh()
+    target = train.replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, *data.input_shape))), mesh)
+    ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints")
+    restored = ckpt.restore(target)
+    ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"no readable checkpoint in {Path(workdir) / 'checkpoints'}; train the run first.")
+    step, state, _ = restored
+    return TrainedRun(config, data, model, jax.device_get(state.params), step)
+
+
+__all__ = [
+    "DATASETS",
+    "MODEL_KINDS",
+    "SYNTHETIC",
+    "Data",
+    "DataConfig",
+    "DeviceFeed",
+    "HostFeed",
+    "ModelConfig",
+    "RunConfig",
+    "TrainedRun",
+    "build_data",
+    "build_model",
+    "load_run_config",
+    "load_trained",
+    "train_and_evaluate",
+    "validate",
+]
