@@ -273,7 +273,8 @@ class _Run:
             raise train.NonFiniteLossError(
                 f"non-finite loss or gradient at step {bad} (updates from that step on were skipped). "
                 f"The last good checkpoint is kept: step {kept[-1] if kept else 'none'} in {self.ckpt.directory}. "
-                "Lower the learning rate, enable grad_clip_norm, or use a loop norm (LateralConfig.stable())."
+                "Lower the learning rate, enable grad_clip_norm, or use a loop norm (LateralConfig.stable()).",
+                step=bad,
             )
 
     def progress_bar(self, start: int):

@@ -45,7 +45,11 @@ class TrainState(NamedTuple):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Raised by the host loop when the loss or a gradient became NaN/Inf."""
+    """Raised by the host loop when the loss or a gradient became NaN/Inf at optimiser step ``step``."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 @dataclasses.dataclass(frozen=True)
