@@ -29,9 +29,9 @@ Pallas's interpreter (the same program, for tests; slow).  Constraints (checked,
 error): full mixing, one lateral kernel (no two-population form), ``C`` a power of two ≥ 16.  Any
 map size: ``H·W`` is rounded up to whole pixel tiles whose tail rows are kept at zero.
 
-Status: the numerics are tested against the XLA reference in interpret mode, and the tests check
-that the kernel lowers to a Triton call for CUDA; its speed on a GPU has not been measured yet
-(``experiments/bench.py --loop-kernel pallas``).
+Verification: the numerics are tested against the XLA reference in interpret mode, and the tests
+check that the kernel lowers to a Triton call for CUDA; its GPU speed is measured by
+``experiments/bench.py --loop-kernel pallas`` (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
 from lateral_jax.core.config import GradMode, LateralConfig
+from lateral_jax.core.convolution import conv
 from lateral_jax.core.fused_kernels import LoopGeometry, check_supported, geometry, loop_grad_kernel, loop_kernel
 from lateral_jax.core.layer import Unrolled, initial_state, relative_change
 from lateral_jax.core.params import LateralParams
@@ -171,10 +172,10 @@ def _fused_states_bwd(g, conv_algorithm, interpret, residuals, g_states):
     inputs = _unpad(padded[:-1], g)
     flat = (t * b, g.height, g.width, g.channels)
 
-    def conv(w):
+    def lateral_conv(w):
         return conv(inputs.reshape(flat), w, algorithm=conv_algorithm)
 
-    g_w = jax.vjp(conv, w_lat.astype(drive.dtype))[1](gpre.reshape(flat))[0].astype(w_lat.dtype)
+    g_w = jax.vjp(lateral_conv, w_lat.astype(drive.dtype))[1](gpre.reshape(flat))[0].astype(w_lat.dtype)
     g_d = jnp.sum(gpre.astype(jnp.float32), axis=0).astype(drive.dtype)
     g_a0 = ga0[:, : g.pixels].reshape(drive.shape).astype(drive.dtype)
     g_scale, g_bias = jnp.sum(gnorm[:, 0], axis=0).astype(scale.dtype), jnp.sum(gnorm[:, 1], axis=0).astype(bias.dtype)

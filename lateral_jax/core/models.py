@@ -151,7 +151,7 @@ class UnsharedCNN(LateralCNN):
 
 
 def param_count(params: Any) -> int:
-    """Number of scalars in a parameter pytree (arrays or ``ShapeDtypeStruct``s)."""
+    """Number of scalars in a parameter pytree (of arrays or ``ShapeDtypeStruct`` leaves)."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 

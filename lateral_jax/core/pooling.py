@@ -1,10 +1,10 @@
 """Non-overlapping max-pooling with an elementwise gradient.
 
 ``flax.linen.max_pool`` lowers to ``reduce_window`` whose gradient is XLA's ``select_and_scatter``;
-on CPU that backward pass is several times slower than the forward pass (measured: 128 ms vs 2 ms
-for a 128×32×32×64 batch).  For the non-overlapping windows of a CNN (window = stride, no
-padding) the same gradient is a mask: each window's cotangent goes to the *first* position (in
-row-major window order) that attains the maximum, exactly as ``select_and_scatter`` does, so
+on CPU that backward pass is several times slower than the forward pass (docs/performance.md).
+For the non-overlapping windows of a CNN (window = stride, no padding) the same gradient is a
+mask: each window's cotangent goes to the *first* position (in row-major window order) that
+attains the maximum, exactly as ``select_and_scatter`` does, so
 this is a drop-in replacement with identical values and gradients.
 """
 

@@ -1,4 +1,4 @@
-"""Activation and connection analyses of model units, as in V1 physiology (definitions: DESIGN §6).
+"""Activation and connection analyses of model units, as in V1 physiology (definitions: docs/analysis.md).
 
 Activation
   * sparseness (Treves–Rolls / Vinje–Gallant): ``S = (1 - (Σr/n)² / (Σr²/n)) / (1 - 1/n)`` — over

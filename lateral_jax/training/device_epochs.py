@@ -61,8 +61,8 @@ def make_device_epoch(
     the mesh's data axis, then runs the same :func:`train_step` as the host-fed loop.  With
     ``scan=True`` the epoch is one jitted ``lax.scan`` (nothing returns to the host until the epoch
     ends); with ``scan=False`` a Python loop calls the jitted step, because XLA:CPU runs convolution
-    gradients inside a rolled loop pathologically slowly (jax-ml/jax#12868; measured 10 vs 250
-    images/s).  ``None`` picks ``scan`` everywhere but on CPU.  Both give the same result.
+    gradients inside a rolled loop pathologically slowly (jax-ml/jax#12868).  ``None`` picks
+    ``scan`` everywhere but on CPU.  Both give the same result.
     """
     data = batch_sharding(mesh)
     rep = replicated(mesh)
