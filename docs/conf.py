@@ -15,7 +15,7 @@ source_suffix = {".md": "markdown"}
 root_doc = "index"
 exclude_patterns = ["_build"]
 
-autodoc_default_options = {"members": True, "member-order": "bysource", "show-inheritance": False}
+autodoc_default_options = {"member-order": "bysource", "show-inheritance": False}
 autodoc_typehints = "description"
 autodoc_typehints_format = "short"
 autodoc_mock_imports = ["tensorflow_datasets", "PIL", "scipy", "matplotlib", "tensorboardX"]

@@ -78,6 +78,23 @@ def make_smoke(c: ml_collections.ConfigDict, *, batch_size: int = 32, **data) ->
     return c
 
 
+def synthetic_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
+    """The embedded tasks (contour, pathfinder): the base settings on ``dataset``."""
+    c = get_base_config()
+    c.data.dataset = dataset
+    return make_smoke(c, num_train=256, num_validation=128) if variant == "smoke" else c
+
+
+def natural_image_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Settings shared by the natural-image configs (CIFAR-10, Natural Images): widths 32/64/128,
+    SGD with momentum 0.05, weight decay 5e-4, crop + flip augmentation."""
+    c.data.augment = True
+    c.model.widths = (32, 64, 128)
+    c.model.lateral.num_groups = 8
+    c.optimizer.update(dict(name="momentum", learning_rate=0.05, weight_decay=5e-4))
+    return c
+
+
 def tfds_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
     """MNIST-like tfds datasets (28×28×1): two stages 32/64, Adam 1e-3, 10 epochs."""
     c = get_base_config()

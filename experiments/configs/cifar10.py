@@ -16,15 +16,11 @@ ARCHIVE = str(Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10
 
 
 def get_config(variant: str = ""):
-    c = base.get_base_config()
+    c = base.natural_image_config(base.get_base_config())
     c.data.dataset = "image_folder"
     c.data.archive = ARCHIVE
-    c.data.augment = True
     c.data.validation_fraction = 0.1
     c.data.train_subset = 10_000
-    c.model.widths = (32, 64, 128)
-    c.model.lateral.num_groups = 8
-    c.optimizer.update(dict(name="momentum", learning_rate=0.05, weight_decay=5e-4))
     c.batch_size = 128
     c.num_epochs = 10.0
     if variant == "full":

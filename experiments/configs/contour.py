@@ -11,8 +11,4 @@ from experiments.configs import base
 
 
 def get_config(variant: str = ""):
-    c = base.get_base_config()
-    c.data.dataset = "contour"
-    if variant == "smoke":
-        base.make_smoke(c, num_train=256, num_validation=128)
-    return c
+    return base.synthetic_config("contour", variant)

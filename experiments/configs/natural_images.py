@@ -12,14 +12,10 @@ from experiments.configs import base
 
 
 def get_config(variant: str = ""):
-    c = base.get_base_config()
+    c = base.natural_image_config(base.get_base_config())
     c.data.dataset = "image_folder"
     c.data.image_size = 32
-    c.data.augment = True
     c.data.validation_fraction = 0.2
-    c.model.widths = (32, 64, 128)
-    c.model.lateral.num_groups = 8
-    c.optimizer.update(dict(name="momentum", learning_rate=0.05, weight_decay=5e-4))
     c.batch_size = 64
     c.num_epochs = 15.0
     if variant == "smoke":

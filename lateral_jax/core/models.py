@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from lateral_jax.core import ei, pooling
 from lateral_jax.core.config import LateralConfig, LoopOptions
+from lateral_jax.core.layer import Unrolled
 from lateral_jax.core.layers import LateralConv, LateralRecurrence
 
 
@@ -43,6 +44,19 @@ def _wants(record: Record, name: str) -> bool:
     if isinstance(record, str):
         return record in ("all", name)
     return name in record
+
+
+def _collect(out: Unrolled, name: str, states: dict, residuals: dict) -> jax.Array:
+    """Records a lateral layer's per-loop states (if requested) and residual; returns ``a(T)``."""
+    if out.states is not None:
+        states[name] = out.states
+    residuals[name] = out.residual
+    return out.final
+
+
+def _classify(h: jax.Array, num_classes: int, dtype: Any) -> jax.Array:
+    """Global average pool and the dense ``head``; float32 logits."""
+    return nn.Dense(num_classes, dtype=dtype, name="head")(h.mean(axis=(1, 2))).astype(jnp.float32)
 
 
 def weighted_ei_penalty(model: Any, params: Any) -> jax.Array:
@@ -110,13 +124,8 @@ class LateralCNN(nn.Module):
                 dtype=self.dtype,
                 name=name,
             )(h, return_states=_wants(record, name))
-            if out.states is not None:
-                states[name] = out.states
-            residuals[name] = out.residual
-            h = pooling.max_pool(out.final, 2)
-        h = h.mean(axis=(1, 2))
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(h).astype(jnp.float32)
-        return ModelOutput(logits, states, residuals)
+            h = pooling.max_pool(_collect(out, name, states, residuals), 2)
+        return ModelOutput(_classify(h, self.num_classes, self.dtype), states, residuals)
 
     def ei_penalty(self, params: Any) -> jax.Array:
         """``ei_weight · L_EI(params)`` for this model's E/I mode (a pure function of params)."""
@@ -271,15 +280,10 @@ class LateralResNet(nn.Module):
                         excitatory_fraction=self.excitatory_fraction,
                         name=name,
                     )(drive, return_states=_wants(record, name))
-                    if out.states is not None:
-                        states[name] = out.states
-                    residuals[name] = out.residual
-                    h = out.final
+                    h = _collect(out, name, states, residuals)
                 else:
                     h = nn.relu(drive)
-        h = h.mean(axis=(1, 2))
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(h).astype(jnp.float32)
-        return ModelOutput(logits, states, residuals)
+        return ModelOutput(_classify(h, self.num_classes, self.dtype), states, residuals)
 
     def ei_penalty(self, params: Any) -> jax.Array:
         """``ei_weight · L_EI(params)`` for this model's E/I mode (a pure function of params)."""

@@ -100,6 +100,47 @@ def activation_statistics(states: np.ndarray, *, max_tail_samples: int, seed: in
     return out
 
 
+def _orientation_per_loop(grating_resp: np.ndarray, thetas: np.ndarray):
+    """Orientation tuning at every loop from grating responses ``[T+1, θ, f, φ, C]``; returns the
+    preferred frequency per unit, the final loop's tuning and curves, and per-loop summaries."""
+    g = grating_resp.mean(axis=3)  # [T+1, θ, f, C] phase-averaged
+    num_loops = g.shape[0]
+    best_f = np.argmax(g[-1].max(axis=0), axis=0)  # [C] preferred frequency at the final loop
+    c_idx = np.arange(g.shape[-1])
+    per_loop = []
+    for t in range(num_loops):
+        curves = g[t][:, best_f, c_idx].T  # [C, θ]
+        tuning = analysis.orientation_tuning(curves, thetas, fit_width=(t == num_loops - 1))
+        per_loop.append(
+            {
+                "loop": t,
+                "osi": _summary(tuning.osi),
+                "global_osi": _summary(tuning.global_osi),
+                "responsive": int(np.sum(curves.max(axis=1) > 0)),
+            }
+        )
+    return best_f, tuning, curves, per_loop
+
+
+def _size_tuning_per_loop(disc_resp: np.ndarray, best_f: np.ndarray, pref_idx: np.ndarray, radii: np.ndarray) -> dict:
+    """Size tuning at each unit's preferred frequency and orientation from disc responses
+    ``[T+1, f, θ, r, φ, C]``: per-loop suppression indices and the final loop's curves."""
+    d = disc_resp.mean(axis=4)  # [T+1, f, θ, r, C]
+    c_idx = np.arange(d.shape[-1])
+    size_curves = np.stack([d[:, best_f[c], pref_idx[c], :, c] for c in c_idx], axis=1)  # [T+1, C, r]
+    per_loop = [
+        {"loop": t, "suppression_index": _summary(analysis.suppression_index(size_curves[t]))}
+        for t in range(size_curves.shape[0])
+    ]
+    return {
+        "per_loop": per_loop,
+        "suppression_index": analysis.suppression_index(size_curves[-1]).tolist(),
+        "radii": radii.tolist(),
+        "curves": size_curves[-1].tolist(),
+        "peak_radius_median": float(np.nanmedian(radii[np.argmax(size_curves[-1], axis=1)])),
+    }
+
+
 def measure(
     model: Any,
     params: Any,
@@ -130,32 +171,10 @@ def measure(
     kernels = ei.lateral_kernels(params)
     layers: dict[str, Any] = {}
     for name, states in natural.items():
-        g = grating_resp[name].mean(axis=3)  # [T+1, θ, f, C] phase-averaged
-        num_loops = g.shape[0]
-        best_f = np.argmax(g[-1].max(axis=0), axis=0)  # [C] preferred frequency at the final loop
-        c_idx = np.arange(g.shape[-1])
-        per_loop_orientation, per_loop_size = [], []
-        for t in range(num_loops):
-            curves = g[t][:, best_f, c_idx].T  # [C, θ]
-            tuning = analysis.orientation_tuning(curves, thetas, fit_width=(t == num_loops - 1))
-            per_loop_orientation.append(
-                {
-                    "loop": t,
-                    "osi": _summary(tuning.osi),
-                    "global_osi": _summary(tuning.global_osi),
-                    "responsive": int(np.sum(curves.max(axis=1) > 0)),
-                }
-            )
-            if t == num_loops - 1:
-                final_tuning, final_curves = tuning, curves
+        best_f, final_tuning, final_curves, per_loop_orientation = _orientation_per_loop(grating_resp[name], thetas)
         pref_idx = np.argmax(final_curves, axis=1)
-        d = disc_resp[name].mean(axis=4)  # [T+1, f, θ, r, C]
-        size_curves = np.stack([d[:, best_f[c], pref_idx[c], :, c] for c in c_idx], axis=1)  # [T+1, C, r]
-        for t in range(num_loops):
-            si = analysis.suppression_index(size_curves[t])
-            per_loop_size.append({"loop": t, "suppression_index": _summary(si)})
-        final_si = analysis.suppression_index(size_curves[-1])
-        peak_radius = float(np.nanmedian(radii[np.argmax(size_curves[-1], axis=1)]))
+        size_tuning = _size_tuning_per_loop(disc_resp[name], best_f, pref_idx, radii)
+        peak_radius = size_tuning["peak_radius_median"]
         cs = _surround(
             model,
             params,
@@ -182,13 +201,7 @@ def measure(
                 "curves": final_curves.tolist(),
                 "orientations": thetas.tolist(),
             },
-            "size_tuning": {
-                "per_loop": per_loop_size,
-                "suppression_index": final_si.tolist(),
-                "radii": radii.tolist(),
-                "curves": size_curves[-1].tolist(),
-                "peak_radius_median": peak_radius,
-            },
+            "size_tuning": size_tuning,
             "surround": cs,
         }
         w_key = next((k for k in kernels if name in k and "w_inh" not in k), None)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lateral_jax.training.data import synthetic
 from lateral_jax.training.data.pipeline import Normalisation
 
 
@@ -111,8 +112,6 @@ def centre_surround_stimuli(
 
 def gabor_contours(num_examples: int, *, seed: int, **spec) -> tuple[jax.Array, jax.Array]:
     """Contour-task images (Gabor-element paths among clutter) as contrast patterns and labels."""
-    from lateral_jax.training.data import synthetic
-
     data = synthetic.contour_images(num_examples, seed=seed, spec=synthetic.ContourSpec(**spec))
     return jnp.asarray(data["image"][..., 0]), jnp.asarray(data["label"])
 

@@ -23,10 +23,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lateral_jax.core import models
-from lateral_jax.training import checkpoint, device_epochs, train
+from lateral_jax.training import checkpoint, train
 from lateral_jax.training.config import (
     DATASETS,
     MODEL_KINDS,
@@ -38,66 +37,14 @@ from lateral_jax.training.config import (
     to_dict,
     validate,
 )
-from lateral_jax.training.data import pipeline, sources, synthetic
+from lateral_jax.training.data import pipeline
+from lateral_jax.training.datasets import Data, build_data
+from lateral_jax.training.feeds import DeviceFeed, HostFeed
 from lateral_jax.training.metrics import MetricWriter
 
 # --------------------------------------------------------------------------------------------
-# Data and model
+# The model
 # --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Data:
-    """The splits of a run (random-access sources) and what the model needs to know about them."""
-
-    train: Any
-    validation: Any
-    normalisation: pipeline.Normalisation
-    num_classes: int
-    input_shape: tuple[int, int, int]
-    class_names: list[str]
-
-
-def _subset(source: Any, size: int | None, seed: int) -> Any:
-    if size is None or size >= len(source):
-        return source
-    labels = sources.labels_of(source)
-    _, keep = sources.train_validation_split(labels, validation_fraction=size / len(source), seed=seed + 7)
-    return sources.Subset(source, keep)
-
-
-def build_data(config: DataConfig, seed: int) -> Data:
-    """The training and validation sources of ``config`` (``config.seed``, or else ``seed``, seeds
-    the generated examples and the splits)."""
-    seed = seed if config.seed is None else config.seed
-    if config.dataset in SYNTHETIC:
-        task = dict(config.task)
-        train_arrays = synthetic.make_task(config.dataset, config.num_train, seed=seed, **task)
-        val_arrays = synthetic.make_task(config.dataset, config.num_validation, seed=seed + 10_000, **task)
-        tr, va = sources.ArraySource(train_arrays), sources.ArraySource(val_arrays)
-        tr = _subset(tr, config.train_subset, seed)
-        return Data(tr, va, pipeline.IDENTITY, 2, tr[0]["image"].shape, ["absent", "present"])
-    if config.dataset == "image_folder":
-        full, names = sources.image_folder_source(
-            config.archive, "train", image_size=config.image_size, data_dir=config.data_dir
-        )
-        train_idx, val_idx = sources.train_validation_split(
-            sources.labels_of(full), validation_fraction=config.validation_fraction, seed=seed
-        )
-        tr, va = sources.Subset(full, train_idx), sources.Subset(full, val_idx)
-    else:
-        tr = sources.Subset(
-            sources.tfds_source(config.dataset, "train", data_dir=config.data_dir, download=config.download)
-        )
-        va = sources.Subset(
-            sources.tfds_source(config.dataset, "test", data_dir=config.data_dir, download=config.download)
-        )
-        names = [str(i) for i in range(10)]
-    tr = _subset(tr, config.train_subset, seed)
-    norm = pipeline.channel_stats(tr, seed=seed)
-    image = np.asarray(tr[0]["image"])
-    shape = image.shape if image.ndim == 3 else (*image.shape, 1)
-    return Data(tr, va, norm, len(names), tuple(shape), list(names))
 
 
 def build_model(config: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -> Any:
@@ -121,66 +68,6 @@ def build_model(config: ModelConfig, num_classes: int, input_shape: tuple[int, .
         return models.LateralCNN(widths=widths, num_steps=0, **common)
     unshared = config.kind == "unshared"
     return models.LateralCNN(widths=config.widths, num_steps=config.num_steps, unshared=unshared, **common)
-
-
-# --------------------------------------------------------------------------------------------
-# Where the batches come from
-# --------------------------------------------------------------------------------------------
-
-
-class HostFeed:
-    """One train step per :meth:`advance`, on the next batch of a grain pipeline."""
-
-    def __init__(self, config: RunConfig, data: Data, step_fn, mesh):
-        self.steps_per_advance = 1
-        self.step_fn, self.mesh = step_fn, mesh
-        self.iterator = iter(
-            pipeline.train_dataset(
-                data.train,
-                global_batch_size=config.batch_size,
-                seed=config.seed,
-                normalisation=data.normalisation,
-                augmentation=pipeline.Augmentation() if config.data.augment else None,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
-        )
-
-    shard = staticmethod(train.shard_batch)
-
-    def advance(self, state: train.TrainState):
-        return self.step_fn(state, self.shard(next(self.iterator), self.mesh))
-
-    def get_state(self) -> dict:
-        return self.iterator.get_state()
-
-    def set_state(self, data_state: dict) -> None:
-        self.iterator.set_state(data_state)
-
-
-class DeviceFeed:
-    """One epoch per :meth:`advance`, on the training split held on the device(s)."""
-
-    def __init__(self, config: RunConfig, data: Data, model: Any, tx, mesh):
-        images, labels = pipeline.to_arrays(data.train, data.normalisation)
-        self.images, self.labels = train.replicate(images, mesh), train.replicate(labels, mesh)
-        self.steps_per_advance = len(labels) // config.batch_size
-        self.epoch_fn = device_epochs.make_device_epoch(
-            model, tx, mesh, batch_size=config.batch_size, augment=config.data.augment
-        )
-        self.key = jax.random.key(config.seed + 1000)
-        self.epoch = 0
-
-    def advance(self, state: train.TrainState):
-        state, history = self.epoch_fn(state, self.images, self.labels, jax.random.fold_in(self.key, self.epoch))
-        self.epoch += 1
-        return state, jax.tree_util.tree_map(jnp.mean, history)
-
-    def get_state(self) -> dict:
-        return {"epoch": self.epoch}
-
-    def set_state(self, data_state: dict) -> None:
-        self.epoch = int(data_state["epoch"])
 
 
 # --------------------------------------------------------------------------------------------

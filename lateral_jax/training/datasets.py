@@ -1,0 +1,65 @@
+"""The examples of a run: build the training and validation sources a ``DataConfig`` names."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from lateral_jax.training.config import SYNTHETIC, DataConfig
+from lateral_jax.training.data import pipeline, sources, synthetic
+
+
+@dataclasses.dataclass
+class Data:
+    """The splits of a run (random-access sources) and what the model needs to know about them."""
+
+    train: Any
+    validation: Any
+    normalisation: pipeline.Normalisation
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    class_names: list[str]
+
+
+def _subset(source: Any, size: int | None, seed: int) -> Any:
+    if size is None or size >= len(source):
+        return source
+    labels = sources.labels_of(source)
+    _, keep = sources.train_validation_split(labels, validation_fraction=size / len(source), seed=seed + 7)
+    return sources.Subset(source, keep)
+
+
+def build_data(config: DataConfig, seed: int) -> Data:
+    """The training and validation sources of ``config`` (``config.seed``, or else ``seed``, seeds
+    the generated examples and the splits)."""
+    seed = seed if config.seed is None else config.seed
+    if config.dataset in SYNTHETIC:
+        task = dict(config.task)
+        train_arrays = synthetic.make_task(config.dataset, config.num_train, seed=seed, **task)
+        val_arrays = synthetic.make_task(config.dataset, config.num_validation, seed=seed + 10_000, **task)
+        tr, va = sources.ArraySource(train_arrays), sources.ArraySource(val_arrays)
+        tr = _subset(tr, config.train_subset, seed)
+        return Data(tr, va, pipeline.IDENTITY, 2, tr[0]["image"].shape, ["absent", "present"])
+    if config.dataset == "image_folder":
+        full, names = sources.image_folder_source(
+            config.archive, "train", image_size=config.image_size, data_dir=config.data_dir
+        )
+        train_idx, val_idx = sources.train_validation_split(
+            sources.labels_of(full), validation_fraction=config.validation_fraction, seed=seed
+        )
+        tr, va = sources.Subset(full, train_idx), sources.Subset(full, val_idx)
+    else:
+        tr = sources.Subset(
+            sources.tfds_source(config.dataset, "train", data_dir=config.data_dir, download=config.download)
+        )
+        va = sources.Subset(
+            sources.tfds_source(config.dataset, "test", data_dir=config.data_dir, download=config.download)
+        )
+        names = [str(i) for i in range(10)]
+    tr = _subset(tr, config.train_subset, seed)
+    norm = pipeline.channel_stats(tr, seed=seed)
+    image = np.asarray(tr[0]["image"])
+    shape = image.shape if image.ndim == 3 else (*image.shape, 1)
+    return Data(tr, va, norm, len(names), tuple(shape), list(names))
