@@ -68,12 +68,15 @@ def test_non_finite_step_is_skipped_and_recorded():
     model, tx, mesh, state, batch = setup(1)
     step = train.jit_train_step(model, tx, mesh)
     state, _ = step(state, train.shard_batch(batch, mesh))
-    before = jax.device_get(state.params)
+    before, before_opt = jax.device_get(state.params), jax.device_get(state.opt_state.inner_state)
     bad = {**batch, "image": np.full_like(batch["image"], np.nan)}
     state, metrics = step(state, train.shard_batch(bad, mesh))
     assert not np.isfinite(float(metrics["loss"]))
     assert int(state.nonfinite_step) == 1 and int(state.step) == 2
     chex.assert_trees_all_equal(jax.device_get(state.params), before)
+    # the skip is optax.apply_if_finite's: it counted the step and left the optimiser state alone
+    assert int(state.opt_state.total_notfinite) == 1 and not bool(state.opt_state.last_finite)
+    chex.assert_trees_all_equal(jax.device_get(state.opt_state.inner_state), before_opt)
     state, _ = step(state, train.shard_batch(batch, mesh))
     assert int(state.nonfinite_step) == 1  # the first bad step is kept
 

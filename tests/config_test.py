@@ -1,0 +1,165 @@
+"""The typed run config: one conversion from dicts (ml_collections configs and config.json), the
+loop options passed whole from the config to every layer, the metric writer, and a core install
+that trains."""
+
+import dataclasses
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments.configs import base, contour
+from lateral_jax.core import models, recurrence
+from lateral_jax.core.config import LateralConfig, LoopOptions
+from lateral_jax.training import config, run
+from lateral_jax.training.metrics import MetricWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_from_dict_inverts_to_dict_through_json():
+    cfg = config.RunConfig(
+        data=config.DataConfig(dataset="pathfinder", task=(("num_curves", 3),), train_subset=64, seed=5),
+        model=config.ModelConfig(
+            widths=(8, 16), lateral=LateralConfig.paper(inhibitory_size=5), loop=LoopOptions("truncated", 2)
+        ),
+        device_data=True,
+    )
+    assert config.from_dict(json.loads(json.dumps(config.to_dict(cfg)))) == cfg
+
+
+def test_unknown_fields_are_named_with_the_valid_ones():
+    with pytest.raises(ValueError, match=r"config.model has unknown field\(s\) \['grad_mode'\]; ModelConfig has"):
+        config.from_dict({"model": {"grad_mode": "remat"}})
+    with pytest.raises(ValueError, match=r"config.model.loop has unknown field\(s\) \['tol'\]"):
+        config.from_dict({"model": {"loop": {"tol": 1e-3}}})
+
+
+def test_ml_collections_config_and_variant_become_the_run_config():
+    """The main job's config: the variant's fields override the config's model fields, and a
+    command-line style override of a nested loop option reaches ModelConfig.loop."""
+    c = contour.get_config()
+    c.model.loop.grad_mode = "truncated"
+    c.model.loop.truncate_steps = 2
+    run_config = base.to_run_config(c, "lceicnn_T2")
+    assert run_config.model == config.ModelConfig(
+        kind="lceicnn",
+        widths=(16, 32, 32),
+        num_steps=2,
+        lateral=LateralConfig.stable(num_groups=4),
+        loop=LoopOptions(grad_mode="truncated", truncate_steps=2),
+        ei_mode="mixed_sign",
+        ei_weight=1e-3,
+    )
+    assert run_config.data.task == () and run_config.data.archive is None
+    assert run_config.optimizer.warmup_steps == 30 and run_config.batch_size == 128
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"grad_mode": "truncated"}, "truncate_steps=K, a positive int"),
+        ({"truncate_steps": 2}, "truncate_steps=2 is only used with grad_mode='truncated'"),
+        ({"implicit_max_steps": 0}, "implicit_max_steps=0 must be >= 1"),
+        ({"scan_unroll": "always"}, "scan_unroll='always' must be 'auto', True, False or a positive int"),
+        ({"remat_batch_chunks": 0}, "remat_batch_chunks=0 must be 'auto' or a positive int"),
+    ],
+)
+def test_loop_options_validate_themselves(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoopOptions(**kwargs)
+
+
+def test_every_model_takes_the_whole_loop_options_value():
+    """One LoopOptions value configures every lateral layer; the implicit solver's settings reach the ResNet's."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    loop = LoopOptions(grad_mode="implicit", implicit_tol=1e-6, implicit_max_steps=3)
+    resnet = models.LateralResNet(
+        stage_sizes=(1,),
+        widths=(8,),
+        num_steps=2,
+        lateral=LateralConfig.stable(num_groups=2),
+        lateral_stages=(0,),
+        loop=loop,
+    )
+    params = resnet.init(jax.random.key(1), x)
+    residual = resnet.apply(params, x).residuals["stage0_block0_lateral"]
+    loose = resnet.clone(loop=dataclasses.replace(loop, implicit_max_steps=60))
+    assert float(loose.apply(params, x).residuals["stage0_block0_lateral"]) < float(residual)
+    for cls in (models.LateralCNN, models.LateralResNet):
+        assert "loop" in {f.name for f in dataclasses.fields(cls)}
+        assert not {"grad_mode", "truncate_steps", "implicit_tol", "scan_unroll"} & {
+            f.name for f in dataclasses.fields(cls)
+        }
+    with pytest.raises(TypeError, match=r"unknown loop option\(s\) \['tolerance'\]"):
+        recurrence.unroll(
+            recurrence.init_params(jax.random.key(0), in_channels=3, out_channels=4), x, num_steps=1, tolerance=1e-3
+        )
+
+
+def _tfrecords(path: Path):
+    data = path.read_bytes()
+    i = 0
+    while i < len(data):
+        (length,) = struct.unpack("<Q", data[i : i + 8])
+        yield data[i + 12 : i + 12 + length]
+        i += 12 + length + 4
+
+
+def test_metric_writer_writes_json_lines_and_tensorboard_events(tmp_path):
+    pytest.importorskip("tensorboardX", reason="the tensorboard extra is not installed")
+    from tensorboardX.proto import event_pb2
+
+    writer = MetricWriter(tmp_path)
+    writer.write(3, "train", {"loss": 0.5, "accuracy": 0.25})
+    writer.write(4, "eval", {"accuracy": 0.75})
+    writer.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [
+        {"step": 3, "kind": "train", "loss": 0.5, "accuracy": 0.25},
+        {"step": 4, "kind": "eval", "accuracy": 0.75},
+    ]
+    scalars = {}
+    for events in (tmp_path / "tensorboard").glob("events.out.tfevents.*"):
+        for record in _tfrecords(events):
+            event = event_pb2.Event.FromString(record)
+            for value in event.summary.value:
+                scalars[(event.step, value.tag)] = value.simple_value
+    assert scalars == {(3, "train/loss"): 0.5, (3, "train/accuracy"): 0.25, (4, "eval/accuracy"): 0.75}
+
+
+CORE_ONLY = """
+import sys
+for name in ("tensorflow_datasets", "PIL", "matplotlib", "scipy", "tensorboardX", "torch"):
+    sys.modules[name] = None  # importing any of them now raises ImportError
+from lateral_jax.core.config import LateralConfig
+from lateral_jax.training import config, run
+cfg = config.RunConfig(
+    data=config.DataConfig(dataset="contour", num_train=64, num_validation=32),
+    model=config.ModelConfig(widths=(4,), num_steps=1, lateral=LateralConfig.stable(num_groups=2)),
+    batch_size=16, num_epochs=1.0, progress=False,
+)
+print(run.train_and_evaluate(cfg, sys.argv[1])["steps"])
+"""
+
+
+def test_a_core_install_trains(tmp_path):
+    """Only the core dependencies (no data, analysis or tensorboard extras) are needed to train."""
+    out = subprocess.run(
+        [sys.executable, "-c", CORE_ONLY, str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "4"
+    assert not (tmp_path / "tensorboard").exists()
+    assert jnp.isfinite(json.loads((tmp_path / "final.json").read_text())["validation_loss"])
+    assert run.load_run_config(tmp_path).model.widths == (4,)
