@@ -182,14 +182,25 @@ def time_steps(row: dict, compiled, state, data, iters: int, warmup: int) -> dic
 
 def host_cpu() -> str:
     """The host CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``)."""
+    return _cpuinfo("model name") or platform.processor() or "unknown"
+
+
+def host_cpu_vector_isa() -> str:
+    """The host CPU's vector instruction sets that matter here (AVX2, AVX-512 subsets, AMX), from
+    the ``flags`` of ``/proc/cpuinfo`` (empty where it is not available)."""
+    flags = (_cpuinfo("flags") or "").split()
+    return " ".join(sorted(f for f in flags if f == "avx2" or f.startswith(("avx512", "amx"))))
+
+
+def _cpuinfo(field: str) -> str | None:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
 
 
 def run_torch(python: str, peer: str, batch: int, num_steps: int, iters: int, extra: list[str], device: str) -> dict:
@@ -379,7 +390,8 @@ def median_ratios(rows: list[dict]) -> list[dict]:
     ]
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line of :func:`main`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", default="128")
     p.add_argument("--steps", default="4", help="comma-separated lateral loop counts T")
@@ -434,21 +446,32 @@ def main(argv=None) -> None:
         "block's first step)",
     )
     p.add_argument("--out", default=None, help="append the JSON lines to this file too")
-    args = p.parse_args(argv)
-    if args.paired < 0 or args.paired_block < 1:
-        p.error(
-            f"--paired needs N >= 1 pairs and --paired-block K >= 1 steps; got {args.paired} and {args.paired_block}"
-        )
-    header = {
+    return p
+
+
+def env_header() -> dict:
+    """Where a measurement ran: Python, jax, backend, devices, CPU model and vector instruction sets,
+    and the allocator settings (XLA:CPU maps a fresh temporary buffer per step)."""
+    return {
         "python": platform.python_version(),
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "devices": len(jax.devices()),
         "cpus": os.cpu_count(),
         "cpu_model": host_cpu(),
-        # The allocator matters on CPU: XLA maps a fresh temp buffer per step (see the README).
+        "cpu_isa": host_cpu_vector_isa(),
         **{k.lower(): os.environ[k] for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if os.environ.get(k)},
     }
+
+
+def main(argv=None) -> None:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.paired < 0 or args.paired_block < 1:
+        p.error(
+            f"--paired needs N >= 1 pairs and --paired-block K >= 1 steps; got {args.paired} and {args.paired_block}"
+        )
+    header = env_header()
     print(json.dumps({"env": header}), flush=True)
     rows: list[dict] = []
     if args.paired:

@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
-# The next GPU session's one prepared run (issues 5 and 6), ≈ 9 minutes of device time:
+# The prepared GPU checks of the fused kernel, ≈ 8 minutes of device time:
 #   1. the fused Pallas loop kernel against the XLA loop on the GPU (experiments/fused_check.py);
 #   2. if it passes: the workload with loop_kernel=xla,pallas side by side with torch.compile (batch
 #      256, bf16) and at batch 1024 (MFU);
-#   3. memory vs T on the GPU with remat's batch slicing (the README's H200 memory table predates it);
-#   4. the CIFAR-10 study seeds still missing (resuming a copy of the committed results file).
-# Needs .devcarry/ (ignored) with cifar10-jpeg-train.tar.gz and torch_peer.py; run it with
+#   3. memory vs T on the GPU with remat's batch slices (remat_batch_chunks="auto").
+# Needs .devcarry/ (ignored) with torch_peer.py; run it with
 #   carry [".devcarry"], command "bash experiments/device_run3.sh", timeout_s 600.
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-cp experiments/results/study_gpu_cifar10.jsonl "$OUT/study_gpu.jsonl"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import sys, jax, flax, optax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
@@ -28,8 +26,4 @@ cp experiments/results/study_gpu_cifar10.jsonl "$OUT/study_gpu.jsonl"
   echo "== bench: memory plan vs T"
   timeout 60 python3 -m experiments.bench --batch 256 --steps 1,4,16,64 --grad-modes full,remat,implicit \
       --dtype bfloat16 --memory-only --out "$OUT/bench_memory.jsonl"
-  echo "== study: missing CIFAR-10 seeds"
-  timeout 90 python3 -m experiments.study --protocol gpu --datasets cifar10 \
-      --variants lceicnn_T4_param,lceicnn_T4_proj,fcnn_matched \
-      --archive .devcarry/cifar10-jpeg-train.tar.gz --cache-dir /tmp/cache --out "$OUT/study_gpu.jsonl" --time-budget-s 75
 } 2>&1 | tee "$OUT/device3.log" | grep -vE "^\s*$|Warning|warn\(|cuda_timer" | tail -c 11000

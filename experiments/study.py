@@ -62,7 +62,7 @@ class Protocol:
 
 
 PROTOCOLS = {
-    # A GPU run of the full 45k/5k split (6 epochs, to fit a short device session).
+    # A GPU run of the full 45k/5k split (6 epochs fit 15 minutes of device time).
     "gpu": Protocol(
         "gpu", (64, 128, 256), epochs=6, batch_size=256, learning_rate=0.1, dtype="bfloat16", train_subset=None
     ),
