@@ -18,6 +18,7 @@ For each lateral layer the probe measures
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -39,15 +40,27 @@ class ProbeConfig:
     batch_size: int = 256
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _per_loop_states(model: Any, params: Any, images: jax.Array) -> dict[str, jax.Array]:
+    return model.apply({"params": params}, images, record="all").states
+
+
 def record_states(model: Any, params: Any, images: jax.Array, *, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Per-loop states of every lateral layer for ``images``: ``{layer: [T+1, N, H, W, C]}`` (float32)."""
-    apply = jax.jit(lambda x: model.apply({"params": params}, x, record="all").states)
+    """Per-loop states of every lateral layer for ``images``: ``{layer: [T+1, N, H, W, C]}`` (float32).
+
+    Batches of ``batch_size`` (the last one padded), so one compiled program serves every call.
+    """
+    n = images.shape[0]
+    size = min(batch_size, n)
     chunks: dict[str, list[np.ndarray]] = {}
-    for start in range(0, images.shape[0], batch_size):
-        out = jax.device_get(apply(images[start : start + batch_size]))
+    for start in range(0, n, size):
+        batch = images[start : start + size]
+        if batch.shape[0] < size:
+            batch = jnp.concatenate([batch, jnp.zeros((size - batch.shape[0], *batch.shape[1:]), batch.dtype)])
+        out = jax.device_get(_per_loop_states(model, params, batch))
         for name, s in out.items():
             chunks.setdefault(name, []).append(np.asarray(s, np.float32))
-    return {name: np.concatenate(parts, axis=1) for name, parts in chunks.items()}
+    return {name: np.concatenate(parts, axis=1)[:, :n] for name, parts in chunks.items()}
 
 
 def centre(states: np.ndarray) -> np.ndarray:
@@ -164,9 +177,9 @@ def measure(
     natural = record_states(model, params, jnp.asarray(natural_images), batch_size=config.batch_size)
     grating_resp = responses(stimuli.grating_bank(size, thetas, freqs, phases))  # [T+1, θ, f, φ, C]
     radii = np.linspace(1.0, size / 2, config.num_radii)
-    disc_bank = jax.vmap(
-        lambda f: jax.vmap(lambda o: stimuli.size_tuning_stimuli(size, radii, o, f, phases))(jnp.asarray(thetas))
-    )(jnp.asarray(freqs))
+    disc_bank = stimuli.size_tuning_bank(
+        size, jnp.asarray(radii), jnp.asarray(thetas), jnp.asarray(freqs), jnp.asarray(phases)
+    )
     disc_resp = responses(disc_bank)  # [T+1, f, θ, r, φ, C]
     kernels = ei.lateral_kernels(params)
     layers: dict[str, Any] = {}
@@ -217,19 +230,9 @@ def _surround(
     model, params, size, channels, normalisation, config, name, centre_radius, thetas, freqs, phases, best_f, pref_idx
 ):
     """Iso/ortho annulus modulation at each unit's preferred orientation and frequency (final loop)."""
-    per_condition = [
-        [
-            stimuli.centre_surround_stimuli(
-                size, centre_radius=centre_radius, gap=1.0, orientation=float(o), frequency=float(f), phases=phases
-            )
-            for o in thetas
-        ]
-        for f in freqs
-    ]
-    stim = {
-        kind: jnp.stack([jnp.stack([c[kind] for c in row]) for row in per_condition])
-        for kind in ("centre", "iso", "ortho")
-    }  # [f, θ, φ, S, S]
+    stim = stimuli.centre_surround_bank(
+        size, float(centre_radius), 1.0, jnp.asarray(thetas), jnp.asarray(freqs), jnp.asarray(phases)
+    )  # [f, θ, φ, S, S] per kind
     resp = {}
     for kind, patterns in stim.items():
         x = stimuli.to_model_input(patterns.reshape(-1, size, size), normalisation, channels)

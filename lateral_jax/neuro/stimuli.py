@@ -13,6 +13,7 @@ left, with the image centre at ``(size / 2, size / 2)``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -108,6 +109,31 @@ def centre_surround_stimuli(
         return jax.vmap(one)(phases)
 
     return {"centre": make(None), "iso": make(orientation), "ortho": make(orientation + jnp.pi / 2)}
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def size_tuning_bank(
+    size: int, radii: jax.Array, orientations: jax.Array, frequencies: jax.Array, phases: jax.Array
+) -> jax.Array:
+    """:func:`size_tuning_stimuli` for every frequency and orientation: ``[n_f, n_θ, n_r, n_φ, size, size]``."""
+    return jax.vmap(lambda f: jax.vmap(lambda o: size_tuning_stimuli(size, radii, o, f, phases))(orientations))(
+        frequencies
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def centre_surround_bank(
+    size: int, centre_radius: float, gap: float, orientations: jax.Array, frequencies: jax.Array, phases: jax.Array
+) -> dict[str, jax.Array]:
+    """:func:`centre_surround_stimuli` for every frequency and orientation: each kind
+    ``[n_f, n_θ, n_φ, size, size]``."""
+
+    def one(f, o):
+        return centre_surround_stimuli(
+            size, centre_radius=centre_radius, gap=gap, orientation=o, frequency=f, phases=phases
+        )
+
+    return jax.vmap(lambda f: jax.vmap(lambda o: one(f, o))(orientations))(frequencies)
 
 
 def gabor_contours(num_examples: int, *, seed: int, **spec) -> tuple[jax.Array, jax.Array]:
