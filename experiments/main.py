@@ -14,6 +14,7 @@ compares them.  Multi-host (TPU pod slices, GPU clusters): pass ``--distributed`
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -53,6 +54,12 @@ def main(argv):
     configs = {v: base.to_run_config(config, v) for v in variants}  # validate every variant before training
     for run_config in configs.values():
         run.validate(run_config)
+    missing = [m for m in ("matplotlib", "scipy") if importlib.util.find_spec(m) is None]
+    if missing and (_ANALYZE.value or not _NO_REPORT.value):
+        raise SystemExit(
+            f"the analysis and the report need {', '.join(missing)} (the 'analysis' extra): "
+            'pip install "lateral_jax[analysis]", or pass --noanalyze --no_report to train only.'
+        )
     print(
         f"lateral_jax: {len(variants)} model(s) {', '.join(variants)} on {config.data.dataset}; "
         f"{jax.device_count()} device(s) ({jax.devices()[0].platform}); workdir {workdir}",

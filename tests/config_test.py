@@ -146,6 +146,13 @@ cfg = config.RunConfig(
     batch_size=16, num_epochs=1.0, progress=False,
 )
 print(run.train_and_evaluate(cfg, sys.argv[1])["steps"])
+from absl import app
+from experiments import main
+sys.argv = ["main", "--config", "experiments/configs/contour.py:smoke", "--workdir", sys.argv[1] + "/main"]
+try:
+    app.run(main.main)
+except SystemExit as e:
+    print("EXIT", e)
 """
 
 
@@ -154,12 +161,17 @@ def test_a_core_install_trains(tmp_path):
     out = subprocess.run(
         [sys.executable, "-c", CORE_ONLY, str(tmp_path)],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "4"
+    steps, exit_line = out.stdout.strip().splitlines()[-2:]
+    assert steps == "4"
+    # the main job's analysis needs the 'analysis' extra: it says so before training anything
+    assert exit_line.startswith("EXIT the analysis and the report need matplotlib, scipy (the 'analysis' extra)")
+    assert not (tmp_path / "main").exists()
     assert not (tmp_path / "tensorboard").exists()
     assert jnp.isfinite(json.loads((tmp_path / "final.json").read_text())["validation_loss"])
     assert run.load_run_config(tmp_path).model.widths == (4,)
