@@ -11,7 +11,7 @@ fails, so a device script can stop before benchmarking a wrong kernel.
 
 Errors are max |Δ| / max |reference| against the float32 XLA model.  Bounds: float32 1e-4 on CPU
 and 2e-2 on GPU (XLA's float32 convolutions run as TF32 there); bfloat16 max(5e-2, 1.5 × the error
-of XLA's own bfloat16 path), since bfloat16 rounding alone moves small gradients by 10 % or more.
+of XLA's own bfloat16 path), because bfloat16 rounding alone moves small gradients by 10 % or more.
 """
 
 from __future__ import annotations

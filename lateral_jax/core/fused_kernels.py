@@ -7,6 +7,7 @@ over the saved states.  :class:`LoopGeometry` is the static shape both are speci
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -264,27 +265,96 @@ def loop_kernel(a0_ref, d_ref, w_ref, scale_ref, bias_ref, states_ref, stats_ref
     jax.lax.fori_loop(1, g.num_steps + 1, one_loop, 0)
 
 
-def loop_grad_kernel(
-    states_ref,
-    d_ref,
-    w_ref,
-    scale_ref,
-    bias_ref,
-    gout_ref,
-    gpre_ref,
-    ga0_ref,
-    gnorm_ref,
-    gcarry_ref,
-    pre_ref,
-    gz_ref,
-    stats_ref,
-    *,
-    g: LoopGeometry,
-    interpret,
-):
-    """Backward, one program = one example, loops ``t = T … 1``.  Inputs: the padded states
-    ``[T+1, rows, C]``, d, w, scale, bias as forward, ``gout = ∂L/∂a(0..T)`` ``[T+1, HW, C]``.
-    Outputs: ``gpre[t-1] = ∂L/∂pre(t)`` ``[T, rows, C]`` (padded, fp32), ``∂L/∂a(0)``, ``(∂L/∂γ,
+class _GradRefs(NamedTuple):
+    """The refs of one :func:`loop_grad_kernel` program (see its docstring)."""
+
+    states: Any
+    d: Any
+    w: Any
+    scale: Any
+    bias: Any
+    gout: Any
+    gpre: Any
+    ga0: Any
+    gnorm: Any
+    gcarry: Any
+    pre: Any
+    gz: Any
+    stats: Any
+
+
+def _dz_pass(r: _GradRefs, t, gnorm, g: LoopGeometry, dtype):
+    """Pass B of loop ``t``: ``∂L/∂z = α f'(z) ḡ``; with a norm also ``Σu``, ``Σu·x̂`` (this loop,
+    returned) and ``∂L/∂γ``, ``∂L/∂β`` (accumulated into ``gnorm`` over the loops)."""
+    p_tile = g.pixel_tile
+
+    def dz_tile(i, carry):
+        rows = pl.ds(i * p_tile, p_tile)
+        gbar = r.gcarry[rows, :] + r.gout[t, rows, :].astype(jnp.float32)
+        pre = r.pre[rows, :]
+        if g.num_groups:
+            xhat, z = _normalised(pre, r.stats, r.scale, r.bias, dtype)
+        else:
+            z = pre
+        act_vjp = jax.vjp(lambda v: activate(v, g.activation), z.astype(jnp.float32))[1]
+        gz = _inside(g.leak * act_vjp(gbar)[0], i * p_tile, g)
+        if not g.num_groups:
+            r.gpre[t - 1, pl.ds(g.margin + i * p_tile, p_tile), :] = gz
+            return carry
+        r.gz[rows, :] = gz
+        su, sux, sgg, sgb = carry
+        u = gz * r.scale[...][None, :]
+        return (
+            su + jnp.sum(u, axis=0),
+            sux + jnp.sum(u * xhat, axis=0),
+            sgg + jnp.sum(gz * xhat, axis=0),
+            sgb + jnp.sum(gz, axis=0),
+        )
+
+    zero = jnp.zeros((g.channels,), jnp.float32)
+    return jax.lax.fori_loop(0, g.tiles, dz_tile, (zero, zero, gnorm[0], gnorm[1]))
+
+
+def _dpre_pass(r: _GradRefs, t, g: LoopGeometry, dtype) -> None:
+    """Pass C of loop ``t``: ``∂L/∂pre`` through the GroupNorm (group means of ``u``, ``u·x̂`` in
+    stats rows 4, 5)."""
+    p_tile = g.pixel_tile
+
+    def dpre_tile(i, carry):
+        rows = pl.ds(i * p_tile, p_tile)
+        xhat = _normalised(r.pre[rows, :], r.stats, r.scale, r.bias, dtype)[0]
+        u = r.gz[rows, :] * r.scale[...][None, :]
+        dpre = (u - r.stats[4, :][None, :] - xhat * r.stats[5, :][None, :]) * r.stats[3, :][None, :]
+        r.gpre[t - 1, pl.ds(g.margin + i * p_tile, p_tile), :] = _inside(dpre, i * p_tile, g)
+        return carry
+
+    jax.lax.fori_loop(0, g.tiles, dpre_tile, 0)
+
+
+def _da_pass(r: _GradRefs, t, g: LoopGeometry, dtype) -> None:
+    """Pass D of loop ``t``: ``∂L/∂a(t-1) = (1-α) ḡ + Wᵀ ⋆ ∂L/∂pre``, the running cotangent."""
+    p_tile, c_tile = g.pixel_tile, g.channel_tile
+
+    def da_tile(i, carry):
+        p0 = i * p_tile
+        for j in range(g.channels // c_tile):
+            block = (pl.ds(p0, p_tile), pl.ds(j * c_tile, c_tile))
+            acc = _conv_tile(
+                lambda rows, cols: r.gpre[t - 1, rows, cols].astype(dtype), r.w, p0, j * c_tile, g, transpose=True
+            )
+            if g.leak != 1.0:
+                gbar = r.gcarry[block] + r.gout[(t, *block)].astype(jnp.float32)
+                acc += (1.0 - g.leak) * gbar
+            r.gcarry[block] = acc
+        return carry
+
+    jax.lax.fori_loop(0, g.tiles, da_tile, 0)
+
+
+def loop_grad_kernel(*refs, g: LoopGeometry, interpret):
+    """Backward, one program = one example, loops ``t = T … 1``.  Refs, in order: the padded states
+    ``[T+1, rows, C]``, d, w, scale, bias as forward, ``gout = ∂L/∂a(0..T)`` ``[T+1, HW, C]``;
+    outputs ``gpre[t-1] = ∂L/∂pre(t)`` ``[T, rows, C]`` (padded, fp32), ``∂L/∂a(0)``, ``(∂L/∂γ,
     ∂L/∂β)`` ``[2, C]``; scratch: the running ``∂L/∂a(t)``, ``pre``, ``∂L/∂z``, stats ``[8, C]``
     (rows 0–5 used; 8 rows, a power of two, for Triton).
 
@@ -294,104 +364,47 @@ def loop_grad_kernel(
         ∂L/∂pre = (u − mean_g(u) − x̂ mean_g(u x̂)) / σ          (= ∂L/∂z without a norm)
         ∂L/∂a(t-1) = (1 − α) ḡ + Σ_δ ∂L/∂pre[p − δ] · W[δ]ᵀ + ∂L/∂a(t-1) from the output
     """
-    p_tile, c_tile, c = g.pixel_tile, g.channel_tile, g.channels
-    n_tiles = g.tiles
-    dtype = states_ref.dtype
-    _zero_margins(gpre_ref, g.num_steps, g)
+    r = _GradRefs(*refs)
+    p_tile, c = g.pixel_tile, g.channels
+    dtype = r.states.dtype
+    _zero_margins(r.gpre, g.num_steps, g)
 
     def zero_carry(i, carry):
-        gcarry_ref[pl.ds(i * p_tile, p_tile), :] = jnp.zeros((p_tile, c), jnp.float32)
+        r.gcarry[pl.ds(i * p_tile, p_tile), :] = jnp.zeros((p_tile, c), jnp.float32)
         return carry
 
-    jax.lax.fori_loop(0, n_tiles, zero_carry, 0)
+    jax.lax.fori_loop(0, g.tiles, zero_carry, 0)
     _barrier(interpret)
 
     def one_loop(step, gnorm):
         t = g.num_steps - step
 
-        # Pass A: recompute pre(t) from the saved a(t-1), and its moments.
-        def store(rows, cols, pre):
-            pre_ref[rows, cols] = pre
+        def store(rows, cols, pre):  # Pass A: recompute pre(t) from the saved a(t-1), and its moments
+            r.pre[rows, cols] = pre
 
-        _pre_and_moments(lambda rows, cols: states_ref[t - 1, rows, cols], store, d_ref, w_ref, stats_ref, g, interpret)
-
-        # Pass B: ∂L/∂z; with a norm also Σu, Σu·x̂ (this loop) and ∂L/∂γ, ∂L/∂β (all loops).
-        def dz_tile(i, carry):
-            rows = pl.ds(i * p_tile, p_tile)
-            gbar = gcarry_ref[rows, :] + gout_ref[t, rows, :].astype(jnp.float32)
-            pre = pre_ref[rows, :]
-            if g.num_groups:
-                xhat, z = _normalised(pre, stats_ref, scale_ref, bias_ref, dtype)
-            else:
-                z = pre
-            act_vjp = jax.vjp(lambda v: activate(v, g.activation), z.astype(jnp.float32))[1]
-            gz = _inside(g.leak * act_vjp(gbar)[0], i * p_tile, g)
-            if not g.num_groups:
-                gpre_ref[t - 1, pl.ds(g.margin + i * p_tile, p_tile), :] = gz
-                return carry
-            gz_ref[rows, :] = gz
-            su, sux, sgg, sgb = carry
-            u = gz * scale_ref[...][None, :]
-            return (
-                su + jnp.sum(u, axis=0),
-                sux + jnp.sum(u * xhat, axis=0),
-                sgg + jnp.sum(gz * xhat, axis=0),
-                sgb + jnp.sum(gz, axis=0),
-            )
-
-        zero = jnp.zeros((c,), jnp.float32)
-        sums = jax.lax.fori_loop(0, n_tiles, dz_tile, (zero, zero, gnorm[0], gnorm[1]))
+        _pre_and_moments(lambda rows, cols: r.states[t - 1, rows, cols], store, r.d, r.w, r.stats, g, interpret)
+        sums = _dz_pass(r, t, gnorm, g, dtype)
         if g.num_groups:
-            stats_ref[0, :] = sums[0]
-            stats_ref[1, :] = sums[1]
+            r.stats[0, :] = sums[0]
+            r.stats[1, :] = sums[1]
             gnorm = (sums[2], sums[3])
             _barrier(interpret)
-            _group_means(stats_ref, (0, 1), (4, 5), g, rsqrt=False)
+            _group_means(r.stats, (0, 1), (4, 5), g, rsqrt=False)
             _barrier(interpret)
-
-            # Pass C: ∂L/∂pre through the GroupNorm.
-            def dpre_tile(i, carry):
-                rows = pl.ds(i * p_tile, p_tile)
-                xhat = _normalised(pre_ref[rows, :], stats_ref, scale_ref, bias_ref, dtype)[0]
-                u = gz_ref[rows, :] * scale_ref[...][None, :]
-                dpre = (u - stats_ref[4, :][None, :] - xhat * stats_ref[5, :][None, :]) * stats_ref[3, :][None, :]
-                gpre_ref[t - 1, pl.ds(g.margin + i * p_tile, p_tile), :] = _inside(dpre, i * p_tile, g)
-                return carry
-
-            jax.lax.fori_loop(0, n_tiles, dpre_tile, 0)
+            _dpre_pass(r, t, g, dtype)
         _barrier(interpret)
-
-        # Pass D: ∂L/∂a(t-1) = (1-α) ḡ + Wᵀ ⋆ ∂L/∂pre, the running cotangent for the next loop down.
-        def da_tile(i, carry):
-            p0 = i * p_tile
-            for j in range(c // c_tile):
-                block = (pl.ds(p0, p_tile), pl.ds(j * c_tile, c_tile))
-                acc = _conv_tile(
-                    lambda rows, cols: gpre_ref[t - 1, rows, cols].astype(dtype),
-                    w_ref,
-                    p0,
-                    j * c_tile,
-                    g,
-                    transpose=True,
-                )
-                if g.leak != 1.0:
-                    gbar = gcarry_ref[block] + gout_ref[(t, *block)].astype(jnp.float32)
-                    acc += (1.0 - g.leak) * gbar
-                gcarry_ref[block] = acc
-            return carry
-
-        jax.lax.fori_loop(0, n_tiles, da_tile, 0)
+        _da_pass(r, t, g, dtype)
         _barrier(interpret)
         return gnorm
 
     zero = jnp.zeros((c,), jnp.float32)
     gnorm = jax.lax.fori_loop(0, g.num_steps, one_loop, (zero, zero))
-    gnorm_ref[0, :] = gnorm[0]
-    gnorm_ref[1, :] = gnorm[1]
+    r.gnorm[0, :] = gnorm[0]
+    r.gnorm[1, :] = gnorm[1]
 
     def final_tile(i, carry):
         rows = pl.ds(i * p_tile, p_tile)
-        ga0_ref[rows, :] = gcarry_ref[rows, :] + gout_ref[0, rows, :].astype(jnp.float32)
+        r.ga0[rows, :] = r.gcarry[rows, :] + r.gout[0, rows, :].astype(jnp.float32)
         return carry
 
-    jax.lax.fori_loop(0, n_tiles, final_tile, 0)
+    jax.lax.fori_loop(0, g.tiles, final_tile, 0)

@@ -89,7 +89,7 @@ def fit_power_law(
 
     ``x_min`` is searched among quantiles that leave at least ``max(min_tail, min_tail_fraction · n)``
     samples in the tail (our choice: tails of a few hundred points make the KS choice noisy and the
-    later likelihood-ratio test powerless).
+    likelihood-ratio test that follows powerless).
     """
     x = np.sort(np.asarray(samples, np.float64))
     x = x[x > 0]
