@@ -12,9 +12,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from experiments.configs import base, contour
+from experiments.configs import base, cifar10, contour
 from lateral_jax.core import models, recurrence
 from lateral_jax.core.config import LateralConfig, LoopOptions
 from lateral_jax.training import config, run
@@ -175,3 +176,32 @@ def test_a_core_install_trains(tmp_path):
     assert not (tmp_path / "tensorboard").exists()
     assert jnp.isfinite(json.loads((tmp_path / "final.json").read_text())["validation_loss"])
     assert run.load_run_config(tmp_path).model.widths == (4,)
+
+
+@pytest.mark.parametrize(
+    "module,variant,match",
+    [
+        (contour, "nope", "config variant 'nope' is unknown; use one of 'smoke', or none for the full config"),
+        (cifar10, "smok", "config variant 'smok' is unknown; use one of 'full', 'smoke'"),
+    ],
+)
+def test_an_unknown_config_variant_fails_naming_the_valid_ones(module, variant, match):
+    with pytest.raises(ValueError, match=match):
+        module.get_config(variant)
+
+
+def test_an_archive_with_one_class_is_refused(tmp_path):
+    from PIL import Image
+
+    for i in range(4):
+        (tmp_path / "imgs" / "train" / "cat").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / "train" / "cat" / f"{i}.png")
+    data = config.DataConfig(dataset="image_folder", archive=str(tmp_path / "imgs"), data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(ValueError, match=r"holds 1 class\(es\) \['cat'\]; a classifier needs at least two"):
+        run.build_data(data, 0)
+
+
+def test_group_count_that_does_not_divide_a_width_is_named_even_without_loops():
+    model = models.FCNN(widths=(12,), lateral=LateralConfig.stable(num_groups=8))
+    with pytest.raises(ValueError, match="num_groups=8 does not divide the 12 channels of the layer"):
+        model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))

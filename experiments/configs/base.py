@@ -78,8 +78,17 @@ def make_smoke(c: ml_collections.ConfigDict, *, batch_size: int = 32, **data) ->
     return c
 
 
+def check_variant(variant: str, valid: tuple[str, ...] = ("", "smoke")) -> str:
+    """``variant`` (the ``:name`` after a config file's path), or a ``ValueError`` listing the valid ones."""
+    if variant not in valid:
+        names = ", ".join(repr(v) for v in valid if v)
+        raise ValueError(f"config variant {variant!r} is unknown; use one of {names}, or none for the full config.")
+    return variant
+
+
 def synthetic_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
     """The embedded tasks (contour, pathfinder): the base settings on ``dataset``."""
+    check_variant(variant)
     c = get_base_config()
     c.data.dataset = dataset
     return make_smoke(c, num_train=256, num_validation=128) if variant == "smoke" else c
@@ -97,6 +106,7 @@ def natural_image_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 def tfds_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
     """MNIST-like tfds datasets (28×28×1): two stages 32/64, Adam 1e-3, 10 epochs."""
+    check_variant(variant)
     c = get_base_config()
     c.data.dataset = dataset
     c.model.widths = (32, 64)

@@ -16,6 +16,7 @@ ARCHIVE = str(Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10
 
 
 def get_config(variant: str = ""):
+    base.check_variant(variant, ("", "full", "smoke"))
     c = base.natural_image_config(base.get_base_config())
     c.data.dataset = "image_folder"
     c.data.archive = ARCHIVE

@@ -12,6 +12,7 @@ from experiments.configs import base
 
 
 def get_config(variant: str = ""):
+    base.check_variant(variant)
     c = base.natural_image_config(base.get_base_config())
     c.data.dataset = "image_folder"
     c.data.image_size = 32

@@ -89,6 +89,7 @@ class LateralConv(nn.Module):
         num_steps = recurrence.check_num_steps(self.num_steps)
         ei.check_mode(self.ei_mode)
         cfg = self.config
+        cfg.check_channels(self.features)
         recurrence.check_input(x, x.shape[-1])
         w_ff = self.param("w_ff", lambda key: init_afferent_kernel(key, cfg, x.shape[-1], self.features))
         b_ff = self.param("b_ff", nn.initializers.zeros, (self.features,), jnp.float32)

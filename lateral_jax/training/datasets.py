@@ -46,6 +46,11 @@ def build_data(config: DataConfig, seed: int) -> Data:
         full, names = sources.image_folder_source(
             config.archive, "train", image_size=config.image_size, data_dir=config.data_dir
         )
+        if len(names) < 2:
+            raise ValueError(
+                f"archive={config.archive!r} holds {len(names)} class(es) {list(names)}; a classifier needs at "
+                "least two <class>/<image> folders."
+            )
         train_idx, val_idx = sources.train_validation_split(
             sources.labels_of(full), validation_fraction=config.validation_fraction, seed=seed
         )
