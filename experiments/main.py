@@ -13,7 +13,6 @@ compares them.  Multi-host (TPU pod slices, GPU clusters): pass ``--distributed`
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 import os
@@ -66,7 +65,7 @@ def main(argv):
         flush=True,
     )
     for variant, run_config in configs.items():
-        result = run.train_and_evaluate(dataclasses.replace(run_config), workdir / variant)
+        result = run.train_and_evaluate(run_config, workdir / variant)
         if result.get("preempted"):
             print(f"preempted during {variant}; rerun the same command to resume.", flush=True)
             return

@@ -205,3 +205,17 @@ def test_group_count_that_does_not_divide_a_width_is_named_even_without_loops():
     model = models.FCNN(widths=(12,), lateral=LateralConfig.stable(num_groups=8))
     with pytest.raises(ValueError, match="num_groups=8 does not divide the 12 channels of the layer"):
         model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+
+
+@pytest.mark.parametrize("device_data", [False, True])
+def test_a_batch_larger_than_the_training_split_is_refused_by_both_feeds(tmp_path, device_data):
+    """Host-fed and device-resident runs refuse it alike (a device epoch of zero steps never ends)."""
+    cfg = config.RunConfig(
+        data=config.DataConfig(dataset="contour", num_train=16, num_validation=16),
+        model=config.ModelConfig(widths=(4,), num_steps=1, lateral=LateralConfig.stable(num_groups=2)),
+        batch_size=32,
+        device_data=device_data,
+        progress=False,
+    )
+    with pytest.raises(ValueError, match="batch_size=32 exceeds the 16 training examples"):
+        run.train_and_evaluate(cfg, tmp_path)

@@ -52,6 +52,7 @@ class DeviceFeed:
     """One epoch per :meth:`advance`, on the training split held on the device(s)."""
 
     def __init__(self, config: RunConfig, data: Data, model: Any, tx, mesh):
+        pipeline.check_batch_fits(config.batch_size, len(data.train))
         images, labels = pipeline.to_arrays(data.train, data.normalisation)
         self.images, self.labels = train.replicate(images, mesh), train.replicate(labels, mesh)
         self.steps_per_advance = len(labels) // config.batch_size

@@ -77,6 +77,12 @@ def _decode(normalisation: Normalisation):
     return decode
 
 
+def check_batch_fits(global_batch_size: int, num_examples: int) -> None:
+    """Raises a ``ValueError`` when one batch needs more examples than the training split holds."""
+    if global_batch_size > num_examples:
+        raise ValueError(f"batch_size={global_batch_size} exceeds the {num_examples} training examples.")
+
+
 def train_dataset(
     source: Any,
     *,
@@ -94,8 +100,7 @@ def train_dataset(
 
     if global_batch_size % process_count:
         raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes.")
-    if global_batch_size > len(source):
-        raise ValueError(f"batch_size={global_batch_size} exceeds the {len(source)} training examples.")
+    check_batch_fits(global_batch_size, len(source))
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs).map(_decode(normalisation))
     if augmentation is not None:
         ds = ds.random_map(augmentation, seed=seed + 1)
