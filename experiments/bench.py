@@ -67,15 +67,9 @@ def workload_model(
     )
 
 
-def flops_per_image(
-    num_steps: int, widths=WIDTHS, size: int = 32, in_channels: int = 3, k: int = 3, l: int = 3
-) -> float:
-    """Training FLOPs per image: 3 × forward (afferent convs + T lateral convs per layer)."""
-    fwd, cin = 0.0, in_channels
-    for w in widths:
-        fwd += 2 * k * k * cin * w * size * size + num_steps * 2 * l * l * w * w * size * size
-        cin, size = w, size // 2
-    return 3.0 * fwd
+def flops_per_image(num_steps: int, widths=WIDTHS) -> float:
+    """Training FLOPs per image: 3 × the convolutions' forward FLOPs (``models.forward_flops``)."""
+    return 3.0 * models.forward_flops(widths, num_steps=num_steps)
 
 
 def device_peak_tflops(dtype: str) -> float | None:

@@ -200,17 +200,17 @@ def run_one(dataset: str, variant: str, seed: int, protocol: Protocol, config, o
 
 
 def analytic_forward_flops(row: dict) -> float:
-    """Forward FLOPs per image of a study row's model: afferent convs + T lateral convs per layer
-    (3×3 kernels, SAME, 2×2 pooling) + the head.  XLA's cost analysis is not used for the tables:
-    on GPU it omits the cuDNN convolution custom calls."""
-    size = 32
-    cin = 3 if row["dataset"] == "cifar10" else 1
-    steps = 0 if row["kind"] in ("fcnn", "fcnn_matched") else row["num_steps"]
-    flops = 0.0
-    for w in row["widths"]:
-        flops += 2 * 9 * cin * w * size * size + steps * 2 * 9 * w * w * size * size
-        cin, size = w, size // 2
-    return flops + 2 * cin * (10 if row["dataset"] == "cifar10" else 2)
+    """Forward FLOPs per image of a study row's model (``models.forward_flops``, 32×32 inputs).
+    XLA's cost analysis is not used for the tables: on GPU it omits the cuDNN convolution custom calls."""
+    from lateral_jax.core import models
+
+    cifar = row["dataset"] == "cifar10"
+    return models.forward_flops(
+        row["widths"],
+        num_steps=0 if row["kind"] in ("fcnn", "fcnn_matched") else row["num_steps"],
+        in_channels=3 if cifar else 1,
+        num_classes=10 if cifar else 2,
+    )
 
 
 def summarise(rows: list[dict]) -> dict:

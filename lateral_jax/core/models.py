@@ -159,6 +159,26 @@ class UnsharedCNN(LateralCNN):
     unshared: bool = True
 
 
+def forward_flops(
+    widths: Sequence[int],
+    *,
+    num_steps: int,
+    image_size: int = 32,
+    in_channels: int = 3,
+    num_classes: int = 0,
+    kernel_size: int = 3,
+    lateral_size: int = 3,
+) -> float:
+    """Forward FLOPs per image of a :class:`LateralCNN`: per stage the afferent convolution and T
+    lateral convolutions (SAME, 2 FLOPs per multiply-add) at a resolution halved by each stage's
+    pooling, plus the dense head when ``num_classes`` is given."""
+    flops, cin, size = 0.0, in_channels, image_size
+    for w in widths:
+        flops += 2 * kernel_size**2 * cin * w * size * size + num_steps * 2 * lateral_size**2 * w * w * size * size
+        cin, size = w, size // 2
+    return flops + 2 * cin * num_classes
+
+
 def param_count(params: Any) -> int:
     """Number of scalars in a parameter pytree (of arrays or ``ShapeDtypeStruct`` leaves)."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
