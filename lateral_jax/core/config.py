@@ -162,6 +162,9 @@ class LoopOptions:
       implicit_tol, implicit_max_steps: stopping rule of the ``"implicit"`` solve (relative change
         below ``implicit_tol`` or ``implicit_max_steps`` iterations); the adjoint solve of the
         backward pass uses the same rule.
+      implicit_warn: ``"implicit"`` only: warn (a ``RuntimeWarning`` from the running program,
+        at the 1st, 10th, 100th, ... occurrence) when the solve stops with a residual above
+        ``implicit_tol`` — its outputs and gradients then differ from a long unroll's.
       scan_unroll: ``lax.scan`` unroll factor, ``True`` for a Python-unrolled loop, or ``"auto"``
         (:func:`lateral_jax.core.loops.default_scan_unroll`).
       remat_batch_chunks: ``"remat"`` only: run the loops on this many equal slices of the batch,
@@ -172,6 +175,7 @@ class LoopOptions:
     truncate_steps: int | None = None
     implicit_tol: float = 1e-5
     implicit_max_steps: int = 100
+    implicit_warn: bool = True
     scan_unroll: ScanUnroll = "auto"
     remat_batch_chunks: int | Literal["auto"] = "auto"
 

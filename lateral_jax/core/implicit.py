@@ -13,6 +13,7 @@ of a long unroll; when the iteration does not converge (``residual`` well above 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,29 @@ def _solve_bwd(config, tol, max_steps, residuals, g):
 _solve.defvjp(_solve_fwd, _solve_bwd)
 
 
+_nonconverged_calls = 0
+
+
+def _warn_if_not_converged(residual, tol: float, max_steps: int) -> None:
+    """Host side of the convergence check: warns at the 1st, 10th, 100th, ... non-converged solve."""
+    global _nonconverged_calls
+    residual = float(residual)
+    if residual <= tol:  # NaN (a diverged iteration) is not converged either
+        return
+    _nonconverged_calls += 1
+    if str(_nonconverged_calls).rstrip("0") != "1":  # warn at 1, 10, 100, ...
+        return
+    warnings.warn(
+        f"grad_mode='implicit': the fixed-point iteration stopped after implicit_max_steps={max_steps} with "
+        f"residual {residual:.3g} > implicit_tol={tol:g} (non-converged solve #{_nonconverged_calls}); the "
+        "outputs and gradients are not those of a long unroll. The lateral map is not contractive: use a loop "
+        "norm (LateralConfig.stable()), a smaller lateral_init_scale, more implicit_max_steps, or "
+        "grad_mode='full'/'remat'.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
 def fixed_point(
     params: LateralParams,
     drive: jax.Array,
@@ -68,16 +92,20 @@ def fixed_point(
     config: LateralConfig = LateralConfig(),
     tol: float = 1e-5,
     max_steps: int = 100,
+    warn: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Solves ``a* = f(N_l(d + L(a*)))`` by iteration from ``a(0)``; differentiable by the IFT.
 
     Returns ``(a*, residual)`` with ``residual = ‖F(a*) - a*‖ / ‖a*‖`` (not differentiated).  A
-    residual well above ``tol`` means the iteration did not converge (the lateral map is not
-    contractive); its gradient is then not the gradient of a long unroll.
+    residual above ``tol`` means the iteration did not converge (the lateral map is not
+    contractive); its gradient is then not the gradient of a long unroll, and with ``warn`` the
+    running program warns (``jax.debug.callback``; at the 1st, 10th, 100th, ... occurrence).
     """
     a_star = _solve(params, drive, config, tol, max_steps)
     a_sg = jax.lax.stop_gradient(a_star)
     residual = relative_change(
         fixed_point_map(jax.lax.stop_gradient(params), jax.lax.stop_gradient(drive), a_sg, config), a_sg
     )
+    if warn:
+        jax.debug.callback(functools.partial(_warn_if_not_converged, tol=tol, max_steps=max_steps), residual)
     return a_star, residual

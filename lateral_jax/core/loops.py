@@ -15,7 +15,8 @@ values; they differ in what the backward pass stores and recomputes:
 
 Unrolling: on CPU, the gradient of an XLA convolution inside a *rolled* ``while`` loop takes a
 pathologically slow XLA path (jax-ml/jax#12868), so :func:`default_scan_unroll` unrolls such loops
-there; elsewhere loops of up to 16 steps are unrolled and longer ones rolled.
+there up to T = 32 (longer ones roll, so compile time stays bounded at any T); elsewhere loops of up
+to 16 steps are unrolled and longer ones rolled.
 """
 
 from __future__ import annotations
@@ -39,11 +40,22 @@ StepFn = Callable[[jax.Array, jax.Array | None], tuple[jax.Array, jax.Array]]
 LoopResult = tuple[jax.Array, jax.Array | None, jax.Array]
 
 
+# Longest loop that ``scan_unroll="auto"`` unrolls on CPU; compile time grows linearly with the
+# unrolled length (about 0.07 s per loop per layer, docs/performance.md), so longer loops roll.
+CPU_MAX_UNROLLED_STEPS = 32
+# Longest loop that ``scan_unroll="auto"`` unrolls on accelerators.
+MAX_UNROLLED_STEPS = 16
+
+
 def default_scan_unroll(num_steps: int, *, xla_conv_in_loop: bool = True) -> int | bool:
-    """The unroll factor ``scan_unroll="auto"`` picks: ``True`` (a Python-unrolled loop) on CPU
-    when the loop contains an XLA convolution (jax-ml/jax#12868) and for loops of at most 16 steps;
-    1 (rolled) otherwise, which bounds compile time and memory for long loops."""
-    if (jax.default_backend() == "cpu" and xla_conv_in_loop) or num_steps <= 16:
+    """The unroll factor ``scan_unroll="auto"`` picks: ``True`` (a Python-unrolled loop) for loops
+    of at most :data:`MAX_UNROLLED_STEPS` steps, and on CPU, when the loop contains an XLA
+    convolution (jax-ml/jax#12868), of at most :data:`CPU_MAX_UNROLLED_STEPS`; 1 (rolled)
+    otherwise, which bounds compile time and memory for long loops (a rolled loop on CPU runs each
+    step about 10× slower, but compiles in about a second at any T)."""
+    if num_steps <= MAX_UNROLLED_STEPS:
+        return True
+    if jax.default_backend() == "cpu" and xla_conv_in_loop and num_steps <= CPU_MAX_UNROLLED_STEPS:
         return True
     return 1
 

@@ -4,12 +4,18 @@ Each save writes ``<workdir>/checkpoints/<step>/{state,data}`` through an orbax
 ``CheckpointManager`` (atomic: written to a temporary folder, renamed when complete; asynchronous,
 so call :meth:`Checkpointer.wait` or :meth:`Checkpointer.close` before exiting).  Restoring tries
 the newest step first and falls back to older ones, with a warning, when a checkpoint is
-unreadable (corrupted or partially deleted).
+unreadable (corrupted or partially deleted); a training run moves such a step to
+``<workdir>/checkpoints.unreadable/<step>`` so that the steps it retrains are saved again.  A
+checkpoint whose arrays have other shapes or another structure than the state to restore into
+(the model changed) is not "unreadable": it raises :class:`CheckpointMismatchError` naming the
+differing arrays.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,13 +26,45 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint holds arrays of other shapes (or another structure) than the state to restore."""
+
+
+def _path_name(path: tuple) -> str:
+    parts = []
+    for entry in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+    return "/".join(parts)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_name(path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+
+
+def shape_differences(saved: Any, target: Any) -> list[str]:
+    """``"<array>: saved <shape> vs expected <shape>"`` for every array that differs (or is absent)."""
+    a, b = _shapes(saved), _shapes(target)
+    out = []
+    for name in sorted(set(a) | set(b), key=lambda n: (not n.startswith("params"), n)):  # parameters first
+        if a.get(name) != b.get(name):
+            old = "absent" if name not in a else str(a[name])
+            new = "absent" if name not in b else str(b[name])
+            out.append(f"{name}: saved {old} vs expected {new}")
+    return out
+
+
 class Checkpointer:
     """Periodic, keep-last-N, asynchronous checkpoints of ``(state, data_state)`` under ``directory``."""
 
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3):
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def all_steps(self) -> list[int]:
         self.manager.reload()
@@ -36,23 +74,56 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))
         self.manager.save(step, args=args, force=force)
 
-    def restore(self, target: Any) -> tuple[int, Any, dict] | None:
+    def _check_shapes(self, step: int, target: Any) -> None:
+        """Raises :class:`CheckpointMismatchError` when step ``step``'s arrays do not fit ``target``."""
+        try:
+            saved = self.manager.item_metadata(step).state
+            saved = getattr(saved, "tree", saved)
+        except Exception:  # noqa: BLE001 - unreadable metadata: the checkpoint itself is damaged
+            return
+        if saved is None:
+            return
+        differences = shape_differences(saved, target)
+        if differences:
+            shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
+            raise CheckpointMismatchError(
+                f"checkpoint at step {step} in {self.directory} was saved from a different model: {shown}. "
+                "Restore it with the config it was trained with (its run folder's config.json), or train the "
+                "new model in another folder."
+            )
+
+    def move_aside(self, step: int) -> Path:
+        """Moves step ``step`` out of the checkpoint folder to ``<directory>.unreadable/<step>[-<time>]``."""
+        target = self.directory.with_name(f"{self.directory.name}.unreadable") / str(step)
+        if target.exists():
+            target = target.with_name(f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.directory / str(step)), str(target))
+        self.manager.reload()
+        return target
+
+    def restore(self, target: Any, *, move_unreadable: bool = False) -> tuple[int, Any, dict] | None:
         """``(step, state, data_state)`` from the newest readable checkpoint, or ``None`` if there is none.
 
         ``target`` is a state with the right structure, dtypes and shardings (e.g. a freshly
-        initialised one); the restored arrays take its shardings.
+        initialised one); the restored arrays take its shardings.  Unreadable steps are skipped
+        with a warning, and moved aside with ``move_unreadable`` (a training run does, so the
+        steps it retrains are saved).  Raises :class:`CheckpointMismatchError` when the newest
+        checkpoint's arrays have other shapes than ``target``'s.
         """
         self.manager.wait_until_finished()
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         for step in reversed(self.all_steps()):
+            self._check_shapes(step, target)
             try:
                 restored = self.manager.restore(
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
                 )
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to an older one
+                where = f"; moved to {self.move_aside(step)}" if move_unreadable else ""
                 warnings.warn(
                     f"checkpoint at step {step} in {self.directory} is unreadable ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:200]}); falling back to an older one.",
+                    f"{str(e).splitlines()[0][:200]}){where}; falling back to an older one.",
                     RuntimeWarning,
                     stacklevel=2,
                 )

@@ -18,6 +18,7 @@ from typing import Any
 from lateral_jax.core import ei
 from lateral_jax.core.config import LateralConfig, LoopOptions
 from lateral_jax.training.data import sources
+from lateral_jax.training.divergence import DivergenceConfig
 from lateral_jax.training.train import OptimizerConfig
 
 SYNTHETIC = ("contour", "pathfinder")
@@ -97,6 +98,8 @@ class RunConfig:
         host batches; augmentation then runs in JAX.  Logging, evaluation and checkpoints happen
         at epoch ends.
       progress: show a progress bar.
+      divergence: when the run stops (or warns) because its loss diverged
+        (:mod:`lateral_jax.training.divergence`).
     """
 
     data: DataConfig = DataConfig()
@@ -111,6 +114,7 @@ class RunConfig:
     keep_checkpoints: int = 3
     device_data: bool = False
     progress: bool = True
+    divergence: DivergenceConfig = DivergenceConfig()
 
 
 def validate(config: RunConfig) -> None:

@@ -1,10 +1,11 @@
 """``train_and_evaluate(config, workdir)``: one training run, resumable, on every device.
 
 A run writes to ``workdir``: ``config.json``, ``checkpoints/`` (orbax), ``metrics.jsonl`` (one JSON
-object per log or eval event; TensorBoard events too with the ``tensorboard`` extra) and
-``final.json``.  Re-running with the same ``workdir`` resumes from the newest readable checkpoint,
-including the data iterator's position, so a resumed run sees exactly the batches an
-uninterrupted run sees.  Batches come from the host (a grain pipeline, one step per call) or,
+object per log or eval event, keyed by step; TensorBoard events too with the ``tensorboard``
+extra) and ``final.json``.  Re-running with the same ``workdir`` and config resumes from the newest
+readable checkpoint, including the data iterator's position, so a resumed run sees exactly the
+batches an uninterrupted run sees.  The folder is locked while a run writes to it and belongs to
+one config (:mod:`lateral_jax.training.rundir`); docs/training.md lists the guarantees.  Batches come from the host (a grain pipeline, one step per call) or,
 with ``RunConfig.device_data``, from the device (the whole split on the device, one jitted call
 per epoch); both run the same :func:`lateral_jax.training.train.train_step`.
 """
@@ -23,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 
 from lateral_jax.core import models
 from lateral_jax.training import checkpoint, train
@@ -39,8 +41,16 @@ from lateral_jax.training.config import (
 )
 from lateral_jax.training.data import pipeline
 from lateral_jax.training.datasets import Data, build_data
+from lateral_jax.training.divergence import DivergenceError, DivergenceMonitor
 from lateral_jax.training.feeds import DeviceFeed, HostFeed
 from lateral_jax.training.metrics import MetricWriter
+from lateral_jax.training.rundir import ConfigMismatchError, OnConfigChange, RunFolder, RunFolderError
+
+# Exit statuses of the command-line entry points (experiments/main.py, experiments/study.py).
+EXIT_OK = 0
+EXIT_REFUSED = 2  # bad config or input, or an unusable run folder: nothing was trained
+EXIT_DIVERGED = 3  # non-finite or diverged loss: training stopped, earlier checkpoints kept
+EXIT_PREEMPTED = 75  # SIGTERM / preemption: checkpoint saved, rerun the same command to resume (EX_TEMPFAIL)
 
 # --------------------------------------------------------------------------------------------
 # The model
@@ -137,7 +147,8 @@ class _Run:
             self.feed = HostFeed(config, self.data, train.jit_train_step(self.model, self.tx, self.mesh), self.mesh)
         self.eval_fn = train.jit_eval_step(self.model, self.mesh)
         self.ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-        self.writer = MetricWriter(workdir, enabled=self.is_main)
+        self.writer: MetricWriter | None = None  # opened once the resume step is known
+        self.divergence = DivergenceMonitor(config.divergence, self.data.num_classes)
 
     def evaluate(self, state: train.TrainState, step: int) -> dict[str, float]:
         batches = pipeline.eval_batches(
@@ -150,7 +161,19 @@ class _Run:
         result = train.evaluate(self.eval_fn, state.params, batches, self.mesh)
         values = {"accuracy": result["accuracy"], "loss": result["loss"], **train.ei_metrics(state.params)}
         self.writer.write(step, "eval", values)
+        self.observe_loss(step, values["loss"])
         return values
+
+    def observe_loss(self, step: int, loss: float) -> None:
+        try:
+            self.divergence.observe(step, loss)
+        except DivergenceError as e:
+            self.ckpt.wait()
+            kept = self.ckpt.all_steps()
+            raise DivergenceError(
+                f"{e} Checkpoints up to step {kept[-1] if kept else 'none'} are kept in {self.ckpt.directory}.",
+                step=e.step,
+            ) from None
 
     def check_finite(self, state: train.TrainState) -> None:
         bad = int(state.nonfinite_step)
@@ -202,6 +225,7 @@ class _Run:
                     last_train["images_per_s"] = window_images / max(now - window_t, 1e-9)
                     window_t, window_images = now, 0
                     self.writer.write(step, "train", last_train)
+                    self.observe_loss(step, last_train["ce"])
                     if bar is not None:
                         loss, acc, rate = last_train["loss"], last_train["accuracy"], last_train["images_per_s"]
                         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", img_s=f"{rate:.0f}")
@@ -221,26 +245,52 @@ class _Run:
         return state, last_eval, last_train, preempted
 
 
-def train_and_evaluate(config: RunConfig, workdir: str | Path) -> dict[str, Any]:
+def train_and_evaluate(
+    config: RunConfig, workdir: str | Path, *, on_config_change: OnConfigChange = "error"
+) -> dict[str, Any]:
     """Trains (or resumes) one model; returns the final metrics (also written to ``final.json``).
 
     Returns ``{"preempted": True, "step": s}`` instead when SIGTERM (or a multi-host preemption
     notice) stopped the run after saving a checkpoint at step ``s``; rerun to resume.
+
+    Raises :class:`~lateral_jax.training.rundir.ConfigMismatchError` when ``workdir`` holds
+    checkpoints of a different config (``on_config_change="move_aside"`` moves that run to
+    ``<workdir>.superseded-<time>`` and starts afresh), :class:`RunFolderError` when the folder is
+    in use by another run or cannot be written, :class:`~lateral_jax.training.train.NonFiniteLossError`
+    or :class:`~lateral_jax.training.divergence.DivergenceError` when training went wrong.
     """
     validate(config)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    with RunFolder(workdir, enabled=is_main) as folder:
+        moved = folder.claim(to_dict(config), on_config_change=on_config_change)
+        if moved is not None:
+            warnings.warn(f"{workdir} held a run of another config; it was moved to {moved}.", stacklevel=2)
+        if jax.process_count() > 1:  # every process starts after process 0 settled the folder
+            multihost_utils.sync_global_devices("lateral_jax.run_folder")
+        return _train_in(config, folder)
+
+
+def _train_in(config: RunConfig, folder: RunFolder) -> dict[str, Any]:
     t0 = time.perf_counter()
-    r = _Run(config, workdir)
+    r = _Run(config, folder.path)
     state = r.initial
-    restored = r.ckpt.restore(state)
+    try:
+        restored = r.ckpt.restore(state, move_unreadable=r.is_main)
+    except checkpoint.CheckpointMismatchError:
+        r.ckpt.close()
+        raise
     if restored is not None:
         _, state, data_state = restored
         r.feed.set_state(data_state)
-    if r.is_main:
-        (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=2, default=str))
+    start = int(state.step)
+    if start < r.total_steps and r.is_main:
+        folder.clear_final()
+    r.writer = MetricWriter(folder.path, resume_step=start, enabled=r.is_main)
     try:
-        state, last_eval, last_train, preempted = r.train(state, int(state.step))
+        state, last_eval, last_train, preempted = r.train(state, start)
+        if not (last_eval or preempted):  # resumed after the final step: evaluate the restored state
+            last_eval = r.evaluate(state, int(state.step))
     finally:
         r.ckpt.close()
         r.writer.close()
@@ -249,8 +299,6 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path) -> dict[str, Any]
             f"SIGTERM: checkpoint saved at step {int(state.step)} in {r.ckpt.directory}; rerun to resume.", stacklevel=2
         )
         return {"preempted": True, "step": int(state.step)}
-    if not last_eval:  # resumed after the final step: evaluate the restored state
-        last_eval = r.evaluate(state, int(state.step))
     final = {
         "model": config.model.kind,
         "dataset": config.data.dataset,
@@ -267,7 +315,7 @@ def train_and_evaluate(config: RunConfig, workdir: str | Path) -> dict[str, Any]
         "wall_s": round(time.perf_counter() - t0, 2),
     }
     if r.is_main:
-        (workdir / "final.json").write_text(json.dumps(final, indent=2))
+        folder.write_final(final)
     return final
 
 
@@ -312,6 +360,13 @@ def load_trained(workdir: str | Path) -> TrainedRun:
 
 __all__ = [
     "DATASETS",
+    "EXIT_DIVERGED",
+    "EXIT_OK",
+    "EXIT_PREEMPTED",
+    "EXIT_REFUSED",
+    "ConfigMismatchError",
+    "DivergenceError",
+    "RunFolderError",
     "MODEL_KINDS",
     "SYNTHETIC",
     "Data",

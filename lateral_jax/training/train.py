@@ -131,7 +131,9 @@ def loss_and_metrics(model: Any, params: Any, batch: Batch) -> tuple[jax.Array, 
         "accuracy": jnp.mean(jnp.argmax(out.logits, -1) == batch["label"]),
     }
     if out.residuals:
-        metrics["final_loop_change"] = jnp.mean(jnp.stack(list(out.residuals.values())))
+        residuals = jnp.stack(list(out.residuals.values()))
+        metrics["final_loop_change"] = jnp.mean(residuals)
+        metrics["loop_residual_max"] = jnp.max(residuals)
     return ce + penalty, metrics
 
 
