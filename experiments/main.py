@@ -4,82 +4,240 @@
   python -m experiments.main --config experiments/configs/cifar10.py --workdir runs/cifar10
   python -m experiments.main --config experiments/configs/contour.py:smoke --workdir /tmp/smoke
   python -m experiments.main --only lccnn --config.model.num_steps=8
+  python -m experiments.main --only lceicnn --config.model.ei_mode=project --config.model.ei_weight=0 --dry_run
 
 Each model trains in ``<workdir>/<variant>`` and resumes there when rerun; ``<workdir>/report.md``
-compares them.  Multi-host (TPU pod slices, GPU clusters): pass ``--distributed`` on every host
+compares them.  ``--config.<field>=<value>`` overrides win over the variant's defaults (the model
+kind is chosen with ``--only``); ``--dry_run`` prints each variant's resolved config and exits.
+Multi-host (TPU pod slices, GPU clusters): pass ``--distributed`` on every host
 (``jax.distributed.initialize()`` reads the cluster from the environment), or give
 ``--coordinator``, ``--num_processes`` and ``--process_id`` explicitly.
+
+Exit status: 0 done; 2 refused before training (bad flag, config, input or run folder; the
+message says what and how to fix it); 3 training stopped on a non-finite or diverged loss
+(earlier checkpoints kept); 75 preempted (SIGTERM): a checkpoint was saved, rerun the same
+command to resume.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import logging
 import os
+import re
+import sys
 from pathlib import Path
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments.configs import base
+from lateral_jax.training import checkpoint, run, train
+from lateral_jax.training.config import RunConfig, to_dict
+from lateral_jax.training.data import sources
+from lateral_jax.training.rundir import ON_CONFIG_CHANGE
+
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "contour.py")
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Comparison config file (path[:variant]).")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/main", "Output folder; rerunning resumes.")
-_ONLY = flags.DEFINE_list("only", [], "Train only these variants (default: the config's `models`).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host, explicit).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host, explicit).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host, explicit).")
-_NO_REPORT = flags.DEFINE_bool("no_report", False, "Skip report.md.")
-_ANALYZE = flags.DEFINE_bool("analyze", True, "Run experiments/analyze.py on the trained models (<workdir>/analysis).")
+
+def define_flags(fv: flags.FlagValues, argv: list[str] | None = None) -> None:
+    """Defines the command line's flags on ``fv`` (``argv``: the arguments the config overrides come from)."""
+    config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Comparison config file (path[:variant]).", flag_values=fv, sys_argv=argv
+    )
+    flags.DEFINE_string("workdir", "runs/main", "Output folder; rerunning resumes.", flag_values=fv)
+    flags.DEFINE_list("only", [], "Train only these variants (default: the config's `models`).", flag_values=fv)
+    flags.DEFINE_enum(
+        "on_config_change",
+        "error",
+        list(ON_CONFIG_CHANGE),
+        "A run folder holding checkpoints of another config: refuse (error), or move that run to "
+        "<folder>.superseded-<time> and start afresh (move_aside).",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool("dry_run", False, "Print each variant's resolved config and exit.", flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).", flag_values=fv)
+    flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host, explicit).", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host, explicit).", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-host, explicit).", flag_values=fv)
+    flags.DEFINE_bool("no_report", False, "Skip report.md.", flag_values=fv)
+    flags.DEFINE_bool(
+        "analyze", True, "Run experiments/analyze.py on the trained models (<workdir>/analysis).", flag_values=fv
+    )
+
+
+class UsageError(ValueError):
+    """The command line cannot run: the message names the flag, the value and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a command line trains: one resolved ``RunConfig`` per variant, and where."""
+
+    dataset: str
+    workdir: Path
+    run_configs: dict[str, RunConfig]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------
+
+
+def _config_spec(argv: list[str]) -> tuple[str, str]:
+    """``(path, variant)`` of the ``--config=path[:variant]`` in ``argv`` (or the default)."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), DEFAULT_CONFIG)
+    path, _, variant = spec.partition(":")
+    return path, variant
+
+
+def _config_without_overrides(argv: list[str]) -> ml_collections.ConfigDict:
+    """The config file named by ``--config`` (or the default), without command-line overrides."""
+    path, variant = _config_spec(argv)
+    module_spec = importlib.util.spec_from_file_location("_lateral_jax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """The message for the first ``--config.<path>=`` whose path the config does not have."""
+    config = _config_without_overrides(argv)
+    for arg in argv:
+        match = re.match(r"--config\.([\w.]+)", arg)
+        if match is None:
+            continue
+        node, parts = config, match[1].split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                parent = ".".join(["config", *parts[:i]])
+                names = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                hint = f"its fields are {', '.join(names)}" if names else f"{parent} is a value, not a group"
+                return f"{arg.split('=', 1)[0]}: {parent} has no field {part!r}; {hint}."
+            node = node[part]
+    return None
+
+
+def parse_flags(fv: flags.FlagValues, argv: list[str]) -> list[str]:
+    """Defines the flags on ``fv`` and parses ``argv`` into it; a bad flag is a :class:`UsageError`
+    (no traceback)."""
+    path, _ = _config_spec(argv)
+    if not Path(path).is_file():
+        raise UsageError(f"--config={path!r}: no such config file; pass one of experiments/configs/*.py[:variant].")
+    try:
+        define_flags(fv, argv)  # with no --config=..., the config's overrides are applied here
+        return fv(argv)
+    except (AttributeError, KeyError, TypeError, IndexError) as e:  # an override of a field the config lacks
+        raise UsageError(_unknown_override(argv) or f"bad config override: {e}") from None
+    except flags.Error as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        message = lines[-1] if "Traceback" in str(e) else lines[0]  # a config file's error: its last line
+        raise UsageError(re.sub(r"^\w+(Error|Exception): ", "", message)) from None
+
+
+def plan(fv: flags.FlagValues) -> Plan:
+    """The runs a parsed command line asks for; every variant is resolved and validated."""
+    config = fv.config
+    set_on_command_line = frozenset(config_flags.get_override_values(fv["config"]))
+    variants = fv.only or list(config.models)
+    try:
+        configs = {v: base.to_run_config(config, v, set_on_command_line=set_on_command_line) for v in variants}
+        for run_config in configs.values():
+            run.validate(run_config)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return Plan(config.data.dataset, Path(fv.workdir), configs)
+
+
+def parse(argv: list[str]) -> Plan:
+    """The :class:`Plan` of a command line (``argv[0]`` is the program), on fresh flags."""
+    fv = flags.FlagValues()
+    parse_flags(fv, argv)
+    return plan(fv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+
+def _refuse(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(run.EXIT_REFUSED)
+
+
+def _train_all(the_plan: Plan, on_config_change: str) -> bool:
+    """Trains every variant; ``False`` when a preemption stopped it."""
+    for variant, run_config in the_plan.run_configs.items():
+        result = run.train_and_evaluate(run_config, the_plan.workdir / variant, on_config_change=on_config_change)
+        if result.get("preempted"):
+            print(f"preempted during {variant}; rerun the same command to resume.", flush=True)
+            return False
+        print(f"{variant}: validation accuracy {result['validation_accuracy']:.4f}", flush=True)
+    return True
 
 
 def main(argv):
     del argv
+    fv = flags.FLAGS
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.getLogger("absl").setLevel(logging.WARNING)
     import jax
 
-    if _COORDINATOR.value:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    elif _DISTRIBUTED.value:
+    try:
+        the_plan = plan(fv)
+    except UsageError as e:
+        _refuse(str(e))
+    if fv.dry_run:
+        for variant, run_config in the_plan.run_configs.items():
+            print(json.dumps({"variant": variant, "workdir": str(the_plan.workdir / variant), **to_dict(run_config)}))
+        return
+    if fv.coordinator:
+        jax.distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id)
+    elif fv.distributed:
         jax.distributed.initialize()
-    from experiments.configs import base
-    from lateral_jax.training import run
-
-    config = _CONFIG.value
-    workdir = Path(_WORKDIR.value)
-    variants = _ONLY.value or list(config.models)
-    configs = {v: base.to_run_config(config, v) for v in variants}  # validate every variant before training
-    for run_config in configs.values():
-        run.validate(run_config)
     missing = [m for m in ("matplotlib", "scipy") if importlib.util.find_spec(m) is None]
-    if missing and (_ANALYZE.value or not _NO_REPORT.value):
-        raise SystemExit(
+    if missing and (fv.analyze or not fv.no_report):
+        _refuse(
             f"the analysis and the report need {', '.join(missing)} (the 'analysis' extra): "
             'pip install "lateral_jax[analysis]", or pass --noanalyze --no_report to train only.'
         )
+    variants = list(the_plan.run_configs)
     print(
-        f"lateral_jax: {len(variants)} model(s) {', '.join(variants)} on {config.data.dataset}; "
-        f"{jax.device_count()} device(s) ({jax.devices()[0].platform}); workdir {workdir}",
+        f"lateral_jax: {len(variants)} model(s) {', '.join(variants)} on {the_plan.dataset}; "
+        f"{jax.device_count()} device(s) ({jax.devices()[0].platform}); workdir {the_plan.workdir}",
         flush=True,
     )
-    for variant, run_config in configs.items():
-        result = run.train_and_evaluate(run_config, workdir / variant)
-        if result.get("preempted"):
-            print(f"preempted during {variant}; rerun the same command to resume.", flush=True)
-            return
-        print(f"{variant}: validation accuracy {result['validation_accuracy']:.4f}", flush=True)
-    if jax.process_index() == 0 and _ANALYZE.value:
+    try:
+        finished = _train_all(the_plan, fv.on_config_change)
+    except (run.RunFolderError, checkpoint.CheckpointMismatchError, sources.BadImageError, FileNotFoundError) as e:
+        _refuse(str(e))
+    except (train.NonFiniteLossError, run.DivergenceError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(run.EXIT_DIVERGED)
+    if not finished:
+        sys.exit(run.EXIT_PREEMPTED)
+    if jax.process_index() == 0 and fv.analyze:
         from experiments import analyze
 
-        analyze.main([str(workdir / v) for v in variants] + ["--out", str(workdir / "analysis")])
-    if jax.process_index() == 0 and not _NO_REPORT.value:
+        analyze.main([str(the_plan.workdir / v) for v in variants] + ["--out", str(the_plan.workdir / "analysis")])
+    if jax.process_index() == 0 and not fv.no_report:
         from experiments import report  # matplotlib: only when a report is written
 
-        path = report.write_report(workdir, variants, title=f"{config.data.dataset}: {', '.join(variants)}")
+        path = report.write_report(the_plan.workdir, variants, title=f"{the_plan.dataset}: {', '.join(variants)}")
         print(f"report: {path}", flush=True)
 
 
+def _parse_command_line(argv: list[str]) -> list[str]:
+    try:
+        return parse_flags(flags.FLAGS, argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(run.EXIT_REFUSED)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_command_line)

@@ -23,12 +23,14 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from experiments.configs import variants
+from lateral_jax.training.rundir import EXIT_PREEMPTED
 
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 
@@ -159,16 +161,18 @@ def run_dir(out_path: Path, dataset: str, variant: str, seed: int) -> Path:
     return out_path.with_name(f"{out_path.stem}_runs") / f"{dataset}_{variant}_seed{seed}"
 
 
-def run_one(dataset: str, variant: str, seed: int, protocol: Protocol, config, out_path: Path) -> dict:
-    """Trains (or resumes) one study run and returns its results row."""
+def run_one(dataset: str, variant: str, seed: int, protocol: Protocol, config, out_path: Path) -> dict | None:
+    """Trains (or resumes) one study run and returns its results row (``None``: preempted, rerun)."""
     import jax
 
     from lateral_jax.training import run, train
 
     try:
         final, diverged_step = run.train_and_evaluate(config, run_dir(out_path, dataset, variant, seed)), None
-    except train.NonFiniteLossError as e:
+    except (train.NonFiniteLossError, run.DivergenceError) as e:
         final, diverged_step = None, e.step
+    if final is not None and final.get("preempted"):
+        return None
     m = config.model
     row = {
         "dataset": dataset,
@@ -321,15 +325,21 @@ def main(argv=None) -> None:
     if args.analyze:
         analyze_runs(out, args.datasets.split(","), protocol)
         return
-    run_study(out, args.datasets.split(","), args.variants.split(","), protocol, Path(args.archive), args.time_budget_s)
+    finished = run_study(
+        out, args.datasets.split(","), args.variants.split(","), protocol, Path(args.archive), args.time_budget_s
+    )
+    if not finished:
+        print("preempted: the unfinished run saved a checkpoint; rerun the same command to resume.", flush=True)
+        sys.exit(EXIT_PREEMPTED)
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
     print(tables(rows))
 
 
 def run_study(
     out: Path, datasets: list[str], names: list[str], protocol: Protocol, archive: Path, time_budget_s: float
-) -> None:
-    """Runs every (dataset, seed, variant) not yet in ``out``, appending one row each."""
+) -> bool:
+    """Runs every (dataset, seed, variant) not yet in ``out``, appending one row each; ``False``
+    when a preemption (SIGTERM) stopped it."""
     from lateral_jax.training import run
 
     for name in names:
@@ -356,10 +366,13 @@ def run_study(
                     continue
                 config = run_config(dataset, variant, seed, protocol, num_train, archive=archive)
                 row = run_one(dataset, variant, seed, protocol, config, out)
+                if row is None:
+                    return False
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 acc = "diverged" if row["diverged"] else f"{row['val_accuracy']:.4f}"
                 print(f"{dataset:10s} {variant:18s} seed {seed}: {acc}", flush=True)
+    return True
 
 
 def analyze_runs(out: Path, datasets: list[str], protocol: Protocol) -> None:

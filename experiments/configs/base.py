@@ -56,12 +56,26 @@ def get_base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def to_run_config(config: ml_collections.ConfigDict, variant: str) -> RunConfig:
-    """The typed ``RunConfig`` of one variant of a comparison config (the variant's model fields
-    override the config's)."""
+def to_run_config(
+    config: ml_collections.ConfigDict, variant: str, *, set_on_command_line: frozenset[str] = frozenset()
+) -> RunConfig:
+    """The typed ``RunConfig`` of one variant of a comparison config.
+
+    The variant's model fields (:func:`experiments.configs.variants.overrides`) override the
+    config file's, except those in ``set_on_command_line`` (dotted names such as
+    ``"model.ei_mode"``): what the command line sets wins.  The model kind is the variant's own;
+    setting ``model.kind`` on the command line is an error that names the way to choose a model.
+    """
+    user_model_fields = {name.split(".", 1)[1] for name in set_on_command_line if name.startswith("model.")}
+    if "kind" in user_model_fields:
+        raise ValueError(
+            f"--config.model.kind={config.model.kind!r} clashes with the variant names, which set the model kind; "
+            f"choose models with --only (e.g. --only {config.model.kind}), not --config.model.kind."
+        )
     raw = config.to_dict()
     raw.pop("models", None)
-    raw["model"] = {**raw["model"], **variants.overrides(variant)}
+    fields = {k: v for k, v in variants.overrides(variant).items() if k not in user_model_fields}
+    raw["model"] = {**raw["model"], **fields}
     return from_dict(raw)
 
 

@@ -101,7 +101,12 @@ def recur(
                 "return_states=False, or use grad_mode='full'/'remat' to record a(0..T)."
             )
         final, residual = implicit.fixed_point(
-            params, drive, config=config, tol=loop.implicit_tol, max_steps=loop.implicit_max_steps, warn=loop.implicit_warn
+            params,
+            drive,
+            config=config,
+            tol=loop.implicit_tol,
+            max_steps=loop.implicit_max_steps,
+            warn=loop.implicit_warn,
         )
         return Unrolled(final, None, residual)
     return loops.run(params, drive, num_steps=num_steps, config=config, loop=loop, return_states=return_states)

@@ -36,6 +36,8 @@ class DataConfig:
       task: spec overrides of the synthetic task (e.g. ``{"path_angle": 30.0}``).
       archive: path of the image archive/folder (``image_folder``).
       image_size: images are resized to this (``image_folder``).
+      bad_images: an image of the archive that cannot be decoded stops the run naming it
+        (``"error"``) or is left out with a warning giving the count and names (``"skip"``).
       validation_fraction: seeded, stratified validation split of the training split when the
         dataset has no validation split of its own (``image_folder``; tfds datasets use ``test``).
       train_subset: use only this many (stratified, seeded) training examples.
@@ -50,6 +52,7 @@ class DataConfig:
     task: tuple[tuple[str, Any], ...] = ()
     archive: str | None = None
     image_size: int = 32
+    bad_images: str = "error"
     validation_fraction: float = 0.1
     train_subset: int | None = None
     seed: int | None = None
@@ -129,6 +132,8 @@ def validate(config: RunConfig) -> None:
             raise ValueError("dataset='image_folder' needs archive=<path of a [split/]class/image archive or folder>.")
         if not Path(d.archive).exists():
             raise ValueError(f"archive={d.archive!r} does not exist; give the path of the image archive or folder.")
+        if d.bad_images not in sources.BAD_IMAGE_POLICIES:
+            raise ValueError(f"bad_images={d.bad_images!r} must be one of {sources.BAD_IMAGE_POLICIES}.")
     if m.ei_weight < 0:
         raise ValueError(f"ei_weight={m.ei_weight!r} must be >= 0 (λ_EI in CE + λ_EI·L_EI).")
     ei.check_mode(m.ei_mode)

@@ -44,7 +44,11 @@ def build_data(config: DataConfig, seed: int) -> Data:
         return Data(tr, va, pipeline.IDENTITY, 2, tr[0]["image"].shape, ["absent", "present"])
     if config.dataset == "image_folder":
         full, names = sources.image_folder_source(
-            config.archive, "train", image_size=config.image_size, data_dir=config.data_dir
+            config.archive,
+            "train",
+            image_size=config.image_size,
+            data_dir=config.data_dir,
+            bad_images=config.bad_images,
         )
         if len(names) < 2:
             raise ValueError(

@@ -5,9 +5,11 @@ object per log or eval event, keyed by step; TensorBoard events too with the ``t
 extra) and ``final.json``.  Re-running with the same ``workdir`` and config resumes from the newest
 readable checkpoint, including the data iterator's position, so a resumed run sees exactly the
 batches an uninterrupted run sees.  The folder is locked while a run writes to it and belongs to
-one config (:mod:`lateral_jax.training.rundir`); docs/training.md lists the guarantees.  Batches come from the host (a grain pipeline, one step per call) or,
-with ``RunConfig.device_data``, from the device (the whole split on the device, one jitted call
-per epoch); both run the same :func:`lateral_jax.training.train.train_step`.
+one config (:mod:`lateral_jax.training.rundir`); docs/training.md lists the guarantees.
+
+Batches come from the host (a grain pipeline, one step per call) or, with
+``RunConfig.device_data``, from the device (the whole split on the device, one jitted call per
+epoch); both run the same :func:`lateral_jax.training.train.train_step`.
 """
 
 from __future__ import annotations
@@ -44,13 +46,16 @@ from lateral_jax.training.datasets import Data, build_data
 from lateral_jax.training.divergence import DivergenceError, DivergenceMonitor
 from lateral_jax.training.feeds import DeviceFeed, HostFeed
 from lateral_jax.training.metrics import MetricWriter
-from lateral_jax.training.rundir import ConfigMismatchError, OnConfigChange, RunFolder, RunFolderError
-
-# Exit statuses of the command-line entry points (experiments/main.py, experiments/study.py).
-EXIT_OK = 0
-EXIT_REFUSED = 2  # bad config or input, or an unusable run folder: nothing was trained
-EXIT_DIVERGED = 3  # non-finite or diverged loss: training stopped, earlier checkpoints kept
-EXIT_PREEMPTED = 75  # SIGTERM / preemption: checkpoint saved, rerun the same command to resume (EX_TEMPFAIL)
+from lateral_jax.training.rundir import (
+    EXIT_DIVERGED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_REFUSED,
+    ConfigMismatchError,
+    OnConfigChange,
+    RunFolder,
+    RunFolderError,
+)
 
 # --------------------------------------------------------------------------------------------
 # The model

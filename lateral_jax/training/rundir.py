@@ -41,6 +41,12 @@ RESUMABLE_PREFIXES = ("divergence.",)
 
 LOCK_NAME = ".lock"
 
+# Exit statuses of the command-line entry points (experiments/main.py, experiments/study.py).
+EXIT_OK = 0
+EXIT_REFUSED = 2  # bad flag, config or input, or an unusable run folder: nothing was trained
+EXIT_DIVERGED = 3  # non-finite or diverged loss: training stopped, earlier checkpoints kept
+EXIT_PREEMPTED = 75  # SIGTERM / preemption: checkpoint saved, rerun the same command (sysexits EX_TEMPFAIL)
+
 
 class RunFolderError(RuntimeError):
     """The run folder cannot be used: not a folder, not writable, or in use by another run."""

@@ -12,11 +12,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
+import shutil
 import socket
 import tarfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -27,6 +30,7 @@ import numpy as np
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 SPLIT_NAMES = {"train": "train", "test": "test", "validation": "validation", "val": "validation", "valid": "validation"}
 REGISTERED = ("mnist", "fashion_mnist", "cifar10")
+BAD_IMAGE_POLICIES = ("error", "skip")
 
 
 class ArraySource:
@@ -226,10 +230,37 @@ def split_and_class(relative_path: str) -> tuple[str, str]:
     return split, parts[-2]
 
 
-def decode_image(data: bytes, image_size: int | None, channels: int = 3) -> np.ndarray:
+def archive_fingerprint(path: str | os.PathLike) -> str:
+    """A short hash that changes when the images change: of the bytes of an archive file, or of
+    the relative names, sizes and modification times of a folder's files."""
+    path = Path(path)
+    digest = hashlib.blake2b(digest_size=8)
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            stat = file.stat()
+            digest.update(f"{file.relative_to(path).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    else:
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+class BadImageError(ValueError):
+    """An image in an archive cannot be decoded; the message names it."""
+
+
+def decode_image(data: bytes, image_size: int | None, channels: int = 3, *, name: str = "<bytes>") -> np.ndarray:
+    """The image ``data`` as uint8 ``[H, W, channels]``, resized to ``image_size``²; raises
+    :class:`BadImageError` naming ``name`` when it cannot be decoded."""
     from PIL import Image
 
-    img = Image.open(io.BytesIO(data)).convert("RGB" if channels == 3 else "L")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises several types for a damaged file
+        raise BadImageError(f"image {name!r} cannot be decoded ({type(e).__name__}: {e})") from e
+    img = img.convert("RGB" if channels == 3 else "L")
     if image_size is not None and img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BILINEAR)
     arr = np.asarray(img, np.uint8)
@@ -243,17 +274,23 @@ def _make_builder_class():
         """Images laid out ``[<split>/]<class>/<image>`` in an archive or folder, as uint8 tensors.
 
         Classes are the sorted class-folder names.  Construct with ``archive=`` and ``image_size=``;
-        the prepared data lives under ``data_dir/image_folder_archive/<slug>/``.
+        the prepared data lives under ``data_dir/image_folder_archive/<name>_<size>_<channels>_<hash>/``
+        where ``hash`` is :func:`archive_fingerprint` of the archive's content, so two archives of
+        one name never share prepared data.  ``bad_images``: ``"error"`` (default) stops at the
+        first image that cannot be decoded, naming it; ``"skip"`` leaves such images out (listed
+        in ``skipped`` and warned about).
         """
 
         VERSION = tfds.core.Version("1.0.0")
 
-        def __init__(self, *, archive: str, image_size: int, channels: int = 3, **kwargs):
+        def __init__(self, *, archive: str, image_size: int, channels: int = 3, bad_images: str = "error", **kwargs):
             self._archive = str(archive)
             self._image_size = int(image_size)
             self._channels = int(channels)
-            stat = os.stat(self._archive)
-            name = _slug(f"{Path(self._archive).name}_{self._image_size}_{self._channels}_{stat.st_size}")
+            self._bad_images = bad_images
+            self.skipped: list[str] = []
+            fingerprint = archive_fingerprint(self._archive)
+            name = _slug(f"{Path(self._archive).name}_{self._image_size}_{self._channels}_{fingerprint}")
             self._splits, self._classes = self._scan()
             config = tfds.core.BuilderConfig(name=name, description=f"{self._archive} at {self._image_size}px")
             super().__init__(config=config, **kwargs)
@@ -287,8 +324,19 @@ def _make_builder_class():
             lookup = {c: i for i, c in enumerate(self._classes)}
             for name, data in iter_image_files(self._archive):
                 file_split, cls = split_and_class(name)
-                if file_split == split:
-                    yield name, {"image": decode_image(data, self._image_size, self._channels), "label": lookup[cls]}
+                if file_split != split:
+                    continue
+                try:
+                    image = decode_image(data, self._image_size, self._channels, name=name)
+                except BadImageError as e:
+                    if self._bad_images == "skip":
+                        self.skipped.append(name)
+                        continue
+                    raise BadImageError(
+                        f"{e}; it is in {self._archive!r}. Remove or replace it, or pass "
+                        "DataConfig.bad_images='skip' to leave out images that cannot be decoded."
+                    ) from e
+                yield name, {"image": image, "label": lookup[cls]}
 
     return ImageFolderArchive
 
@@ -296,57 +344,63 @@ def _make_builder_class():
 _BUILDER_CLASS = None
 
 
-def image_folder_builder(archive: str, *, image_size: int, channels: int = 3, data_dir: str | None = None):
-    """The (cached) :class:`ImageFolderArchive` builder for ``archive``."""
+def image_folder_builder(
+    archive: str, *, image_size: int, channels: int = 3, data_dir: str | None = None, bad_images: str = "error"
+):
+    """The :class:`ImageFolderArchive` builder for ``archive``."""
     global _BUILDER_CLASS
+    if bad_images not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"bad_images={bad_images!r} must be one of {BAD_IMAGE_POLICIES}.")
     if _BUILDER_CLASS is None:
         _BUILDER_CLASS = _make_builder_class()
     return _BUILDER_CLASS(
-        archive=archive, image_size=image_size, channels=channels, data_dir=data_dir, file_format="array_record"
+        archive=archive,
+        image_size=image_size,
+        channels=channels,
+        bad_images=bad_images,
+        data_dir=data_dir,
+        file_format="array_record",
     )
 
 
+def _prepare(builder: Any) -> None:
+    """Prepares ``builder``'s data; on any failure removes what it wrote (no half-prepared cache)."""
+    config_dir = Path(builder.data_dir).parent
+    existed = config_dir.exists()
+    try:
+        builder.download_and_prepare(file_format="array_record")
+    except BaseException:
+        if not existed:
+            shutil.rmtree(config_dir, ignore_errors=True)
+            if config_dir.parent.exists() and not any(config_dir.parent.iterdir()):
+                config_dir.parent.rmdir()
+        raise
+    if builder.skipped:
+        shown = ", ".join(builder.skipped[:5]) + (" ..." if len(builder.skipped) > 5 else "")
+        warnings.warn(
+            f"bad_images='skip': left out {len(builder.skipped)} image(s) of {builder._archive!r} that cannot be "
+            f"decoded: {shown}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def image_folder_source(
-    archive: str, split: str, *, image_size: int, channels: int = 3, data_dir: str | None = None
+    archive: str,
+    split: str,
+    *,
+    image_size: int,
+    channels: int = 3,
+    data_dir: str | None = None,
+    bad_images: str = "error",
 ) -> Any:
     """Random-access source of one split of a local image archive (prepared on first use)."""
-    builder = image_folder_builder(archive, image_size=image_size, channels=channels, data_dir=data_dir)
+    builder = image_folder_builder(
+        archive, image_size=image_size, channels=channels, data_dir=data_dir, bad_images=bad_images
+    )
     if not builder.is_prepared():
-        builder.download_and_prepare(file_format="array_record")
+        _prepare(builder)
     available = list(builder.info.splits.keys())
     if split not in available:
         raise ValueError(f"split {split!r} is not in {archive!r}; it has {available}.")
     return builder.as_data_source(split=split), builder.info.features["label"].names
-
-
-def load_image_folder_arrays(
-    archive: str | os.PathLike,
-    *,
-    image_size: int | None = None,
-    split: str = "train",
-    cache: str | os.PathLike | None = None,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """All images of one split of an archive/folder as in-memory arrays, without tfds.
-
-    Returns ``(images uint8 [N, H, W, 3], labels int32 [N], class names)`` in file-name order;
-    ``cache`` (an ``.npz`` path) stores the decoded arrays for the next call.  For accelerators,
-    where the whole dataset lives on the device (:func:`lateral_jax.training.train.make_device_epoch`).
-    """
-    if cache is not None and Path(cache).exists():
-        with np.load(cache, allow_pickle=False) as z:
-            return z["images"], z["labels"], [str(c) for c in z["classes"]]
-    items = []
-    for name, data in iter_image_files(archive):
-        file_split, cls = split_and_class(name)
-        if file_split == split:
-            items.append((cls, decode_image(data, image_size)))
-    if not items:
-        raise ValueError(f"no images of split {split!r} in {str(archive)!r}.")
-    classes = sorted({c for c, _ in items})
-    lookup = {c: i for i, c in enumerate(classes)}
-    images = np.stack([img for _, img in items])
-    labels = np.array([lookup[c] for c, _ in items], np.int32)
-    if cache is not None:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, images=images, labels=labels, classes=np.array(classes))
-    return images, labels, classes
