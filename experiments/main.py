@@ -239,5 +239,10 @@ def _parse_command_line(argv: list[str]) -> list[str]:
         sys.exit(run.EXIT_REFUSED)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line (``python -m experiments.main``): parses ``sys.argv`` and runs :func:`main`."""
     app.run(main, flags_parser=_parse_command_line)
+
+
+if __name__ == "__main__":
+    cli()

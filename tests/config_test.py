@@ -147,11 +147,10 @@ cfg = config.RunConfig(
     batch_size=16, num_epochs=1.0, progress=False,
 )
 print(run.train_and_evaluate(cfg, sys.argv[1])["steps"])
-from absl import app
 from experiments import main
 sys.argv = ["main", "--config", "experiments/configs/contour.py:smoke", "--workdir", sys.argv[1] + "/main"]
 try:
-    app.run(main.main)
+    main.cli()
 except SystemExit as e:
     print("EXIT", e)
 """
@@ -171,7 +170,8 @@ def test_a_core_install_trains(tmp_path):
     steps, exit_line = out.stdout.strip().splitlines()[-2:]
     assert steps == "4"
     # the main job's analysis needs the 'analysis' extra: it says so before training anything
-    assert exit_line.startswith("EXIT the analysis and the report need matplotlib, scipy (the 'analysis' extra)")
+    assert exit_line == "EXIT 2"
+    assert "error: the analysis and the report need matplotlib, scipy (the 'analysis' extra)" in out.stderr
     assert not (tmp_path / "main").exists()
     assert not (tmp_path / "tensorboard").exists()
     assert jnp.isfinite(json.loads((tmp_path / "final.json").read_text())["validation_loss"])

@@ -110,51 +110,6 @@ def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(tmp_path):
     chex.assert_trees_all_equal(params_k, params_c)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
-    script = tmp_path / "train_script.py"
-    script.write_text(
-        KILL_SCRIPT.format(root=str(ROOT)).replace(
-            "num_epochs=12.0, checkpoint_every=4", "num_epochs=400.0, checkpoint_every=100000"
-        )
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path / "w")],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = tmp_path / "w" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
-    steps = [int(p.name) for p in (tmp_path / "w" / "checkpoints").glob("*") if p.name.isdigit()]
-    assert len(steps) == 1 and 0 < steps[0] < 1600
-    assert "SIGTERM: checkpoint saved" in err
-
-
-def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
-    config = tiny_config()
-    run.train_and_evaluate(config, tmp_path)
-    ckpt_dir = tmp_path / "checkpoints"
-    steps = sorted(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit())
-    assert steps[-2:] == [9, 12]
-    for f in (ckpt_dir / "12" / "state").rglob("*"):
-        if f.is_file():
-            f.write_bytes(b"\x00corrupt")
-    with pytest.warns(RuntimeWarning, match="checkpoint at step 12 .* is unreadable .* falling back"):
-        step, _, data_state = final_params(tmp_path, config)
-    assert step == 9 and data_state
-    # and a rerun resumes from step 9 and finishes
-    with pytest.warns(RuntimeWarning, match="falling back"):
-        result = run.train_and_evaluate(config, tmp_path)
-    assert result["steps"] == 12
-
-
 def test_nan_stops_with_an_error_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
     """The batch of step 7 is NaN: the update is skipped, the run stops naming step 7, and the
     newest checkpoint (step 6) holds finite parameters."""
