@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.configs import variants
-from lateral_jax.training.rundir import EXIT_PREEMPTED
+from lateral_jax.training.rundir import EXIT_PREEMPTED, EXIT_REFUSED
 
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 
@@ -325,9 +325,16 @@ def main(argv=None) -> None:
     if args.analyze:
         analyze_runs(out, args.datasets.split(","), protocol)
         return
-    finished = run_study(
-        out, args.datasets.split(","), args.variants.split(","), protocol, Path(args.archive), args.time_budget_s
-    )
+    from lateral_jax.training import checkpoint, run
+    from lateral_jax.training.data import sources
+
+    try:
+        finished = run_study(
+            out, args.datasets.split(","), args.variants.split(","), protocol, Path(args.archive), args.time_budget_s
+        )
+    except (run.RunFolderError, checkpoint.CheckpointMismatchError, sources.BadImageError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_REFUSED)
     if not finished:
         print("preempted: the unfinished run saved a checkpoint; rerun the same command to resume.", flush=True)
         sys.exit(EXIT_PREEMPTED)

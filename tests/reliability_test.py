@@ -85,6 +85,9 @@ def test_a_rerun_with_another_config_is_refused_naming_the_fields_and_loses_noth
     assert "on_config_change='move_aside'" in message
     assert set(error.value.differences) == {"model.widths", "optimizer.learning_rate", "optimizer.name"}
     assert_consistent(tmp_path, config)  # config.json untouched, the run still loads
+    stored = json.loads((tmp_path / "config.json").read_text())
+    del stored["divergence"], stored["data"]["bad_images"]  # as written by a version without these fields
+    (tmp_path / "config.json").write_text(json.dumps(stored))
     # what is only shown, logged or kept may change between resumptions
     assert run.train_and_evaluate(dataclasses.replace(config, log_every=4, keep_checkpoints=2), tmp_path)["steps"] == 8
 

@@ -43,6 +43,11 @@ def winograd_tile(height: int, width: int, in_channels: int = 0, out_channels: i
     return 4 if wide or min(height, width) >= WINOGRAD_TILE4_MIN_SIZE else 2
 
 
+def winograd_eligible(x: jax.Array, w: jax.Array, *, depthwise: bool = False) -> bool:
+    """Whether ``"auto"`` may take Winograd for this input and kernel at all: full-mixing 3×3, float32/64."""
+    return w.shape[:2] == (3, 3) and not depthwise and x.dtype in (jnp.float32, jnp.float64)
+
+
 def use_winograd(x: jax.Array, w: jax.Array, algorithm: ConvAlgorithm, *, depthwise: bool = False) -> bool:
     """Whether :func:`conv` takes the Winograd path for this input, kernel and ``conv_algorithm``."""
     eligible = w.shape[:2] == (3, 3) and not depthwise
@@ -55,9 +60,8 @@ def use_winograd(x: jax.Array, w: jax.Array, algorithm: ConvAlgorithm, *, depthw
         return True
     return (
         algorithm == "auto"
-        and eligible
+        and winograd_eligible(x, w, depthwise=depthwise)
         and jax.default_backend() == "cpu"
-        and x.dtype in (jnp.float32, jnp.float64)
         and x.shape[-1] >= WINOGRAD_MIN_CHANNELS
         and math.prod(x.shape) * w.shape[-1] >= WINOGRAD_MIN_SIZE
     )

@@ -15,12 +15,15 @@ values; they differ in what the backward pass stores and recomputes:
 
 Unrolling: on CPU, the gradient of an XLA convolution inside a *rolled* ``while`` loop takes a
 pathologically slow XLA path (jax-ml/jax#12868), so :func:`default_scan_unroll` unrolls such loops
-there up to T = 32 (longer ones roll, so compile time stays bounded at any T); elsewhere loops of up
-to 16 steps are unrolled and longer ones rolled.
+there up to T = :data:`CPU_MAX_UNROLLED_STEPS`.  Longer loops roll, so compile time stays bounded at
+any T; with ``conv_algorithm="auto"`` their 3×3 convolutions then take the Winograd path, which
+rolls at full speed (other kernels roll on the slow path).  Elsewhere loops of up to 16 steps are
+unrolled and longer ones rolled.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -30,7 +33,7 @@ import jax.numpy as jnp
 
 from lateral_jax.core.batching import largest_divisor, merge_batch, split_batch
 from lateral_jax.core.config import LateralConfig, LoopOptions, ScanUnroll
-from lateral_jax.core.convolution import use_winograd
+from lateral_jax.core.convolution import use_winograd, winograd_eligible
 from lateral_jax.core.layer import Unrolled, initial_state, lateral_step, relative_change
 from lateral_jax.core.params import LateralParams
 
@@ -41,9 +44,9 @@ LoopResult = tuple[jax.Array, jax.Array | None, jax.Array]
 
 
 # Longest loop that ``scan_unroll="auto"`` unrolls on CPU; compile time grows linearly with the
-# unrolled length (about 0.07 s per loop per layer, docs/performance.md), so longer loops roll.
+# unrolled length (docs/performance.md), so longer loops roll.
 CPU_MAX_UNROLLED_STEPS = 32
-# Longest loop that ``scan_unroll="auto"`` unrolls on accelerators.
+# Longest loop that ``scan_unroll="auto"`` unrolls everywhere.
 MAX_UNROLLED_STEPS = 16
 
 
@@ -52,7 +55,8 @@ def default_scan_unroll(num_steps: int, *, xla_conv_in_loop: bool = True) -> int
     of at most :data:`MAX_UNROLLED_STEPS` steps, and on CPU, when the loop contains an XLA
     convolution (jax-ml/jax#12868), of at most :data:`CPU_MAX_UNROLLED_STEPS`; 1 (rolled)
     otherwise, which bounds compile time and memory for long loops (a rolled loop on CPU runs each
-    step about 10× slower, but compiles in about a second at any T)."""
+    step of a loop of XLA convolutions many times slower, so :func:`run` gives such loops' 3×3
+    convolutions the Winograd path; compile time stays flat at any T)."""
     if num_steps <= MAX_UNROLLED_STEPS:
         return True
     if jax.default_backend() == "cpu" and xla_conv_in_loop and num_steps <= CPU_MAX_UNROLLED_STEPS:
@@ -198,6 +202,18 @@ def run(
     kernels = [params.w_lat] + ([] if params.w_inh is None else [params.w_inh])
     depthwise = config.mixing == "depthwise"
     winograd_loop = all(use_winograd(drive, k, config.conv_algorithm, depthwise=depthwise) for k in kernels)
+    if (
+        loop.scan_unroll == "auto"
+        and config.conv_algorithm == "auto"
+        and jax.default_backend() == "cpu"
+        and num_steps > CPU_MAX_UNROLLED_STEPS
+        and not winograd_loop
+        and all(winograd_eligible(drive, k, depthwise=depthwise) for k in kernels)
+    ):
+        # A long loop rolls, and XLA:CPU runs a rolled loop of XLA convolutions pathologically
+        # slowly (jax#12868): its 3×3 convolutions take the Winograd path, which rolls at full speed.
+        config = dataclasses.replace(config, conv_algorithm="winograd")
+        winograd_loop = True
     slow_rolled_conv = jax.default_backend() == "cpu" and not winograd_loop
     scan_unroll = remat_outer_unroll = loop.scan_unroll
     if scan_unroll == "auto":

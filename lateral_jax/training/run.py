@@ -268,7 +268,9 @@ def train_and_evaluate(
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
     with RunFolder(workdir, enabled=is_main) as folder:
-        moved = folder.claim(to_dict(config), on_config_change=on_config_change)
+        moved = folder.claim(
+            to_dict(config), on_config_change=on_config_change, normalise=lambda old: to_dict(from_dict(old))
+        )
         if moved is not None:
             warnings.warn(f"{workdir} held a run of another config; it was moved to {moved}.", stacklevel=2)
         if jax.process_count() > 1:  # every process starts after process 0 settled the folder

@@ -26,6 +26,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -175,10 +176,18 @@ class RunFolder:
         folder = self.path / "checkpoints"
         return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
-    def claim(self, config: dict[str, Any], *, on_config_change: OnConfigChange = "error") -> Path | None:
+    def claim(
+        self,
+        config: dict[str, Any],
+        *,
+        on_config_change: OnConfigChange = "error",
+        normalise: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> Path | None:
         """Makes the folder the run of ``config`` (a :func:`~lateral_jax.training.config.to_dict`);
         returns where an old run was moved, if one was.
 
+        ``normalise`` maps the folder's stored config to the current form (e.g. fills fields that
+        a config written by an older version lacks with their defaults) before the comparison.
         Raises :class:`ConfigMismatchError` when the folder holds checkpoints of another config
         (``on_config_change="error"``).
         """
@@ -186,7 +195,7 @@ class RunFolder:
             raise ValueError(f"on_config_change={on_config_change!r} must be one of {ON_CONFIG_CHANGE}.")
         moved = None
         if self.has_checkpoints():
-            differences = self._differences(config)
+            differences = self._differences(config, normalise)
             if differences:
                 if on_config_change == "error":
                     raise ConfigMismatchError(self._mismatch_message(differences), differences)
@@ -195,13 +204,18 @@ class RunFolder:
             atomic_write_text(self.config_path, json.dumps(config, indent=2, default=str))
         return moved
 
-    def _differences(self, config: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    def _differences(self, config: dict[str, Any], normalise) -> dict[str, tuple[Any, Any]]:
         if not self.config_path.exists():
             return {"config.json": ("<absent>", "<this run's config>")}
         try:
             old = json.loads(self.config_path.read_text())
         except ValueError:
             return {"config.json": ("<unreadable>", "<this run's config>")}
+        if normalise is not None:
+            try:
+                old = normalise(old)
+            except (TypeError, ValueError):  # fields this version does not know: compare as stored
+                pass
         return config_differences(old, json.loads(json.dumps(config, default=str)))
 
     def _mismatch_message(self, differences: dict[str, tuple[Any, Any]]) -> str:
