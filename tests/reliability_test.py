@@ -271,8 +271,8 @@ def test_every_documented_command_line_resolves_with_its_overrides_applied(tmp_p
 # ---------------------------------------------------------------------------------------------
 
 
-def _image_tar(path: Path, classes: dict[str, int], *, corrupt: str | None = None) -> Path:
-    """A tar of ``<class>/<i>.png`` images, each filled with its class's grey level."""
+def _image_tar(path: Path, classes: dict[str, int], *, corrupt: str | None = None, fmt: str = "png") -> Path:
+    """A tar of ``<class>/<i>.<fmt>`` images, each filled with its class's grey level (+ i)."""
     import io
 
     from PIL import Image
@@ -282,9 +282,9 @@ def _image_tar(path: Path, classes: dict[str, int], *, corrupt: str | None = Non
         for name, level in classes.items():
             for i in range(3):
                 buffer = io.BytesIO()
-                Image.fromarray(np.full((8, 8, 3), level + i, np.uint8)).save(buffer, format="PNG")
+                Image.fromarray(np.full((8, 8, 3), level + i, np.uint8)).save(buffer, format=fmt.upper())
                 data = buffer.getvalue()
-                member = f"{name}/{i}.png"
+                member = f"{name}/{i}.{fmt}"
                 if member == corrupt:
                     data = data[:20]
                 info = tarfile.TarInfo(member)
@@ -305,15 +305,15 @@ def test_two_archives_of_one_name_and_size_never_share_prepared_data(tmp_path):
 
 
 def test_a_corrupt_image_is_named_and_leaves_no_half_prepared_cache(tmp_path):
-    archive = _image_tar(tmp_path / "imgs.tar", {"cat": 10, "dog": 200}, corrupt="dog/1.png")
+    archive = _image_tar(tmp_path / "imgs.tar", {"cat": 10, "dog": 200}, corrupt="dog/1.jpeg", fmt="jpeg")
     data_dir = tmp_path / "tfds"
     with pytest.raises(
         sources.BadImageError,
-        match=r"image 'dog/1.png' cannot be decoded .*imgs.tar'. Remove or replace it, or pass .*bad_images='skip'",
+        match=r"image 'dog/1.jpeg' cannot be decoded .*imgs.tar'. Remove or replace it, or pass .*bad_images='skip'",
     ):
         sources.image_folder_source(str(archive), "train", image_size=8, data_dir=str(data_dir))
     assert not any(p.is_file() for p in data_dir.rglob("*")), list(data_dir.rglob("*"))
-    with pytest.warns(RuntimeWarning, match=r"left out 1 image\(s\) .* dog/1.png"):
+    with pytest.warns(RuntimeWarning, match=r"left out 1 image\(s\) .* dog/1.jpeg"):
         source, _ = sources.image_folder_source(
             str(archive), "train", image_size=8, data_dir=str(data_dir), bad_images="skip"
         )

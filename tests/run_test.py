@@ -100,12 +100,14 @@ def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(tmp_path):
     proc.wait()
     first = sorted(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit())
     assert first and first[-1] < 48, f"killed after step {first}; the run has 48 steps"
+    assert (killed_dir / "config.json").exists() and not (killed_dir / "final.json").exists()
     for d in (killed_dir, clean_dir):  # resume the killed run; run a clean one
         subprocess.run([sys.executable, str(script), str(d)], env=env, check=True, capture_output=True)
     config = dataclasses.replace(tiny_config(), num_epochs=12.0)
     step_k, params_k, data_k = final_params(killed_dir, config)
     step_c, params_c, data_c = final_params(clean_dir, config)
     assert step_k == step_c == 48
+    assert json.loads((killed_dir / "final.json").read_text())["steps"] == run.load_trained(killed_dir).step == 48
     assert data_k == data_c
     chex.assert_trees_all_equal(params_k, params_c)
 
