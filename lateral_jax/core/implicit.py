@@ -1,12 +1,15 @@
 """The ``"implicit"`` gradient mode: iterate the loop to a fixed point, differentiate it implicitly.
 
 The fixed point ``a* = F(θ, a*)`` with ``F(a) = f(N_l(d + L(a)))`` is found by iteration from
-``a(0)``.  By the implicit-function theorem its gradient needs no stored iterates::
+``a(0)``.  By the implicit-function theorem its derivatives need no stored iterates::
 
-    dL/dθ = uᵀ ∂F/∂θ(a*),   where   u = g + (∂F/∂a(a*))ᵀ u
+    ȧ* = (I - ∂F/∂a)⁻¹ ∂F/∂θ θ̇                       (forward mode)
+    dL/dθ = uᵀ ∂F/∂θ(a*),   u = g + (∂F/∂a(a*))ᵀ u      (reverse mode)
 
-and ``u`` is solved by the same fixed-point iteration (it converges when ``F`` is contractive).
-Memory is O(1) in the number of iterations.  At a converged fixed point the gradient equals that
+and both linear systems are solved by the same fixed-point iteration (it converges when ``F`` is
+contractive), through ``jax.lax.custom_root`` and ``jax.lax.custom_linear_solve``, so ``jvp``,
+``jacfwd``, ``grad`` and Hessian-vector products all work.  Memory is O(1) in the number of
+iterations.  At a converged fixed point the gradient equals that
 of a long unroll; when the iteration does not converge (``residual`` well above ``tol``) it does not.
 """
 
@@ -39,27 +42,30 @@ def iterate(fn, x0: jax.Array, tol: float, max_steps: int) -> tuple[jax.Array, j
     return x, change
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _solve(params: LateralParams, drive: jax.Array, config: LateralConfig, tol: float, max_steps: int):
-    a0 = initial_state(params, drive, config)
-    a_star, _ = iterate(lambda a: fixed_point_map(params, drive, a, config), a0, tol, max_steps)
-    return a_star
+def _solve(params: LateralParams, drive: jax.Array, config: LateralConfig, tol: float, max_steps: int) -> jax.Array:
+    """``a*`` with ``a* = F(a*)``, differentiable in both modes by the implicit-function theorem.
 
+    ``jax.lax.custom_root`` on ``F(a) - a``: its tangent rule solves ``(∂F/∂a - I) ȧ = -∂F/∂θ θ̇``
+    with ``jax.lax.custom_linear_solve``, whose solve and transposed solve are the same
+    fixed-point iteration (on the JVP or the VJP of ``F``), so ``jvp``, ``vjp`` and their
+    compositions all work and store no iterates.
+    """
 
-def _solve_fwd(params, drive, config, tol, max_steps):
-    a_star = _solve(params, drive, config, tol, max_steps)
-    return a_star, (params, drive, a_star)
+    def residual_map(a):
+        return fixed_point_map(params, drive, a, config) - a
 
+    def forward_solve(f, a0):
+        del f
+        return iterate(lambda a: fixed_point_map(params, drive, a, config), a0, tol, max_steps)[0]
 
-def _solve_bwd(config, tol, max_steps, residuals, g):
-    params, drive, a_star = residuals
-    _, vjp_a = jax.vjp(lambda a: fixed_point_map(params, drive, a, config), a_star)
-    u, _ = iterate(lambda u: g + vjp_a(u)[0], g, tol, max_steps)
-    _, vjp_theta = jax.vjp(lambda p, d: fixed_point_map(p, d, a_star, config), params, drive)
-    return vjp_theta(u)
+    def linear_fixed_point(matvec, b):
+        # (J - I) x = b, with matvec(x) = J x - x:  x ← J x - b = matvec(x) + x - b.
+        return iterate(lambda x: matvec(x) + x - b, -b, tol, max_steps)[0]
 
+    def tangent_solve(g, y):
+        return jax.lax.custom_linear_solve(g, y, linear_fixed_point, transpose_solve=linear_fixed_point)
 
-_solve.defvjp(_solve_fwd, _solve_bwd)
+    return jax.lax.custom_root(residual_map, initial_state(params, drive, config), forward_solve, tangent_solve)
 
 
 _nonconverged_calls = 0

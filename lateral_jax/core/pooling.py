@@ -1,11 +1,13 @@
-"""Non-overlapping max-pooling with an elementwise gradient.
+"""Non-overlapping max-pooling with an elementwise derivative, in forward and reverse mode.
 
 ``flax.linen.max_pool`` lowers to ``reduce_window`` whose gradient is XLA's ``select_and_scatter``;
 on CPU that backward pass is several times slower than the forward pass (docs/performance.md).
-For the non-overlapping windows of a CNN (window = stride, no padding) the same gradient is a
-mask: each window's cotangent goes to the *first* position (in row-major window order) that
-attains the maximum, exactly as ``select_and_scatter`` does, so
-this is a drop-in replacement with identical values and gradients.
+For the non-overlapping windows of a CNN (window = stride, no padding) the derivative is a mask:
+each window's output follows the *first* position (in row-major window order) that attains the
+maximum, exactly as ``select_and_scatter`` does.  It is a ``jax.custom_jvp`` whose tangent is
+``Σ_window mask · ẋ``, linear in ``ẋ``: forward mode (``jvp``, ``jacfwd``, Hessian-vector
+products) uses it directly, and reverse mode transposes it into the elementwise gradient
+``mask · g`` — a drop-in replacement with identical values and gradients.
 """
 
 from __future__ import annotations
@@ -23,29 +25,28 @@ def _windows(x: jax.Array, size: int) -> jax.Array:
     return x.reshape(b, h // size, size, w // size, size, c)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _pool(x: jax.Array, size: int) -> jax.Array:
-    return jnp.max(_windows(x, size), axis=(2, 4))
-
-
-def _pool_fwd(x, size):
-    y = _pool(x, size)
-    return y, (x, y)
-
-
-def _pool_bwd(size, residuals, g):
-    x, y = residuals
-    z = _windows(x, size)
+def _first_max_mask(z: jax.Array, y: jax.Array, size: int) -> jax.Array:
+    """Boolean mask of the first position (row-major) of each window of ``z`` that equals its max ``y``."""
     position = (size * jnp.arange(size)[:, None, None] + jnp.arange(size)[None, None, :]).reshape(
         1, 1, size, 1, size, 1
     )  # row-major index of each element inside its window
     hit = z == y[:, :, None, :, None]
-    first = jnp.min(jnp.where(hit, position, size * size), axis=(2, 4), keepdims=True)  # first maximum
-    dz = jnp.where(position == first, g[:, :, None, :, None], jnp.zeros((), g.dtype))
-    return (dz.reshape(x.shape),)
+    first = jnp.min(jnp.where(hit, position, size * size), axis=(2, 4), keepdims=True)
+    return position == first
 
 
-_pool.defvjp(_pool_fwd, _pool_bwd)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _pool(x: jax.Array, size: int) -> jax.Array:
+    return jnp.max(_windows(x, size), axis=(2, 4))
+
+
+@_pool.defjvp
+def _pool_jvp(size, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y = _pool(x, size)
+    mask = _first_max_mask(_windows(x, size), y, size)
+    dy = jnp.sum(jnp.where(mask, _windows(dx, size), jnp.zeros((), dx.dtype)), axis=(2, 4))
+    return y, dy
 
 
 def max_pool(x: Float[Array, "b h w c"], size: int = 2) -> Float[Array, "b h/size w/size c"]:
