@@ -169,25 +169,27 @@ class _Run:
         self.observe_loss(step, values["loss"])
         return values
 
+    def newest_checkpoint(self) -> int | str:
+        """The newest saved step once pending saves are written (``"none"`` before the first)."""
+        self.ckpt.wait()
+        kept = self.ckpt.all_steps()
+        return kept[-1] if kept else "none"
+
     def observe_loss(self, step: int, loss: float) -> None:
         try:
             self.divergence.observe(step, loss)
         except DivergenceError as e:
-            self.ckpt.wait()
-            kept = self.ckpt.all_steps()
             raise DivergenceError(
-                f"{e} Checkpoints up to step {kept[-1] if kept else 'none'} are kept in {self.ckpt.directory}.",
+                f"{e} Checkpoints up to step {self.newest_checkpoint()} are kept in {self.ckpt.directory}.",
                 step=e.step,
             ) from None
 
     def check_finite(self, state: train.TrainState) -> None:
         bad = int(state.nonfinite_step)
         if bad >= 0:
-            self.ckpt.wait()
-            kept = self.ckpt.all_steps()
             raise train.NonFiniteLossError(
                 f"non-finite loss or gradient at step {bad} (updates from that step on were skipped). "
-                f"The last good checkpoint is kept: step {kept[-1] if kept else 'none'} in {self.ckpt.directory}. "
+                f"The last good checkpoint is kept: step {self.newest_checkpoint()} in {self.ckpt.directory}. "
                 "Lower the learning rate, enable grad_clip_norm, or use a loop norm (LateralConfig.stable()).",
                 step=bad,
             )
@@ -284,23 +286,20 @@ def _train_in(config: RunConfig, folder: RunFolder) -> dict[str, Any]:
     state = r.initial
     try:
         restored = r.ckpt.restore(state, move_unreadable=r.is_main)
-    except checkpoint.CheckpointMismatchError:
-        r.ckpt.close()
-        raise
-    if restored is not None:
-        _, state, data_state = restored
-        r.feed.set_state(data_state)
-    start = int(state.step)
-    if start < r.total_steps and r.is_main:
-        folder.clear_final()
-    r.writer = MetricWriter(folder.path, resume_step=start, enabled=r.is_main)
-    try:
+        if restored is not None:
+            _, state, data_state = restored
+            r.feed.set_state(data_state)
+        start = int(state.step)
+        if start < r.total_steps and r.is_main:
+            folder.clear_final()
+        r.writer = MetricWriter(folder.path, resume_step=start, enabled=r.is_main)
         state, last_eval, last_train, preempted = r.train(state, start)
         if not (last_eval or preempted):  # resumed after the final step: evaluate the restored state
             last_eval = r.evaluate(state, int(state.step))
     finally:
         r.ckpt.close()
-        r.writer.close()
+        if r.writer is not None:
+            r.writer.close()
     if preempted:
         warnings.warn(
             f"SIGTERM: checkpoint saved at step {int(state.step)} in {r.ckpt.directory}; rerun to resume.", stacklevel=2
