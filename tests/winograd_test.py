@@ -206,3 +206,35 @@ def test_auto_unroll_policy_follows_the_convolution_path():
     assert recurrence.default_scan_unroll(33) == 1  # long loops roll on CPU too: compile time stays bounded
     assert recurrence.default_scan_unroll(16, xla_conv_in_loop=False) is True
     assert recurrence.default_scan_unroll(64, xla_conv_in_loop=False) == 1
+
+
+@pytest.mark.parametrize("tile", winograd.TILES)
+def test_winograd_forward_mode_and_hessian_vector_products_equal_the_direct_convolution(tile):
+    """float64: jvp, jacfwd and both HVP orders of the custom JVP equal those of lax.conv."""
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3), jnp.float64)
+        w = jax.random.normal(jax.random.key(2), (3, 3, 3, 4), jnp.float64)
+        dx, dw = (
+            jax.random.normal(jax.random.key(3), x.shape, x.dtype),
+            jax.random.normal(jax.random.key(4), w.shape, w.dtype),
+        )
+
+        def ours(x, w):
+            return jnp.tanh(winograd.conv3x3(x, w, tile=tile))
+
+        def ref(x, w):
+            return jnp.tanh(
+                jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            )
+
+        np.testing.assert_allclose(jax.jvp(ours, (x, w), (dx, dw))[1], jax.jvp(ref, (x, w), (dx, dw))[1], atol=1e-11)
+        hvp = {
+            name: jax.jvp(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) ** 3), argnums=(0, 1)), (x, w), (dx, dw))[1]
+            for name, f in (("ours", ours), ("ref", ref))
+        }
+        for a, b in zip(hvp["ours"], hvp["ref"], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+        small = x[:1, :4, :4]
+        np.testing.assert_allclose(
+            jax.jacfwd(ours, argnums=1)(small, w), jax.jacrev(ours, argnums=1)(small, w), atol=1e-12
+        )

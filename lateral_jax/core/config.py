@@ -87,11 +87,11 @@ class LateralConfig:
         starts near the F-CNN (0 gives an all-zero lateral kernel).
       conv_algorithm: how the 3×3 convolutions are computed (:mod:`lateral_jax.core.convolution`):
         ``"xla"`` (``lax.conv_general_dilated``, the reference), ``"winograd"``
-        (:func:`lateral_jax.core.winograd.conv3x3`, fewer multiplications, reverse-mode only) or
+        (:func:`lateral_jax.core.winograd.conv3x3`, fewer multiplications) or
         ``"auto"`` (Winograd for large float32 full-mixing 3×3 convolutions on CPU, XLA elsewhere).
       loop_kernel: ``"xla"`` (the reference: the loops are a ``lax.scan`` of XLA ops) or
         ``"pallas"``: all T loops of ``grad_mode="full"`` in one fused Pallas kernel
-        (:mod:`lateral_jax.core.fused`) with a hand-written backward pass.
+        (:mod:`lateral_jax.core.fused`) with a hand-written backward pass (reverse mode only).
     """
 
     kernel_size: int = 3
