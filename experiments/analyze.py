@@ -170,7 +170,7 @@ def analyze_models(entries: dict, out: Path) -> Path:
     ``analysis.json``, the figures and ``analysis.md`` to ``out``."""
     import jax
 
-    from lateral_jax.core import ei
+    from lateral_jax.core import dynamics, ei
     from lateral_jax.neuro import plots, probe
 
     out.mkdir(parents=True, exist_ok=True)
@@ -181,6 +181,15 @@ def analyze_models(entries: dict, out: Path) -> Path:
         result.update(info)
         results[name] = result
         summaries[name] = summarise(name, result)
+        radii = dynamics.layer_spectral_radii(model, {"params": params}, jax.numpy.asarray(images[:16]))
+        for layer, rho in radii.items():
+            rho = np.asarray(rho, np.float64)
+            result["layers"].setdefault(layer, {})["loop_spectral_radius"] = {
+                "median": float(np.median(rho)),
+                "max": float(np.max(rho)),
+                "images": len(rho),
+            }
+            summaries[name].setdefault(layer, {})["spectral_radius"] = float(np.median(rho))
         kernels.update(
             {f"{name}{k}": np.asarray(v) for k, v in ei.lateral_kernels(params).items() if np.asarray(v).ndim == 4}
         )
@@ -227,11 +236,14 @@ def write_markdown(path: Path, summaries: dict[str, dict], figures: dict[str, st
         ("rho_similarity", "like-to-like ρ", "+.3f"),
         ("co_orthogonal_ratio", "co/orth ratio", ".2f"),
         ("mexican_hat", "Mexican hat (None: kernel too small to fit)", "s"),
+        ("spectral_radius", "loop ρ(J) at a(T) (median)", ".3f"),
     ]
     lines = [
         "# In-silico neurophysiology",
         "",
         "Final-loop values per model and layer (loop-0 values and every per-unit number are in `analysis.json`).",
+        "ρ(J) is the spectral radius of one loop's Jacobian at a(T) (power iteration, 16 natural images): "
+        "below 1, a perturbation of the final state decays loop by loop.",
         "",
     ]
     lines.append("| model | layer | " + " | ".join(c[1] for c in cols) + " |")

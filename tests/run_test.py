@@ -64,8 +64,11 @@ def test_same_seed_same_parameters(tmp_path):
     assert a["validation_accuracy"] == b["validation_accuracy"]
     chex.assert_trees_all_equal(final_params(tmp_path / "a", config)[1], final_params(tmp_path / "b", config)[1])
     assert (tmp_path / "a" / "final.json").exists() and (tmp_path / "a" / "metrics.jsonl").exists()
-    kinds = {json.loads(line)["kind"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()}
-    assert kinds == {"train", "eval"}
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"train", "eval"}
+    # Every evaluation logs the spectral radius of each lateral layer's loop Jacobian at a(T).
+    radii = [v for r in records if r["kind"] == "eval" for k, v in r.items() if k.startswith("loop/spectral_radius/")]
+    assert radii and all(0.0 < v < 10.0 for v in radii)
 
 
 KILL_SCRIPT = """
@@ -187,7 +190,10 @@ def test_main_job_smoke_config_end_to_end(tmp_path):
     result = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
     assert set(result["summary"]) == {"fcnn", "lccnn", "lceicnn"}
     lc = result["results"]["lccnn"]["layers"]["lateral_0"]
-    assert set(lc) == {"activation", "orientation", "size_tuning", "surround", "connection"}
+    assert set(lc) == {"activation", "orientation", "size_tuning", "surround", "connection", "loop_spectral_radius"}
+    assert 0.0 < lc["loop_spectral_radius"]["median"] <= lc["loop_spectral_radius"]["max"] < 10.0
+    assert "loop_spectral_radius" not in result["results"]["fcnn"]["layers"]["lateral_0"]  # F-CNN: no loop
+    assert "loop ρ(J) at a(T)" in (tmp_path / "analysis" / "analysis.md").read_text()
     assert len(lc["activation"]) == 3  # loops t = 0, 1, 2 of the smoke config (T = 2)
     assert len(lc["orientation"]["osi"]) == 8 and all(0 <= v <= 1 for v in lc["orientation"]["osi"] if v == v)
     assert {"purity_mean", "fraction_excitatory", "balance", "radial_profile", "like_to_like"} <= set(lc["connection"])

@@ -145,7 +145,8 @@ class LateralRecurrence(nn.Module):
 
 
 def module_params(variables: dict, *, excitatory_fraction: float = 0.8) -> LateralParams:
-    """Converts one ``LateralConv``'s Linen params dict to the pure :class:`LateralParams`."""
+    """Converts one ``LateralConv``'s (or ``LateralRecurrence``'s: no ``w_ff``/``b_ff``) Linen params
+    dict to the pure :class:`LateralParams`."""
     p = variables.get("params", variables)
 
     def norm(prefix):
@@ -156,4 +157,4 @@ def module_params(variables: dict, *, excitatory_fraction: float = 0.8) -> Later
         w_lat = ei.parametrise(p["v_lat"], ei.dale_signs(channels, excitatory_fraction))
     else:
         w_lat = p.get("w_lat")
-    return LateralParams(p["w_ff"], p["b_ff"], w_lat, p.get("w_inh"), norm("drive_norm"), norm("loop_norm"))
+    return LateralParams(p.get("w_ff"), p.get("b_ff"), w_lat, p.get("w_inh"), norm("drive_norm"), norm("loop_norm"))

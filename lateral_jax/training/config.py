@@ -101,6 +101,9 @@ class RunConfig:
         host batches; augmentation then runs in JAX.  Logging, evaluation and checkpoints happen
         at epoch ends.
       progress: show a progress bar.
+      spectral_images: at every evaluation, the spectral radius of each lateral layer's loop
+        Jacobian at ``a(T)`` (:func:`lateral_jax.core.dynamics.layer_spectral_radii`) is logged as
+        ``loop/spectral_radius/<layer>``, the mean over this many validation images (0: off).
       divergence: when the run stops (or warns) because its loss diverged
         (:mod:`lateral_jax.training.divergence`).
     """
@@ -117,6 +120,7 @@ class RunConfig:
     keep_checkpoints: int = 3
     device_data: bool = False
     progress: bool = True
+    spectral_images: int = 8
     divergence: DivergenceConfig = DivergenceConfig()
 
 

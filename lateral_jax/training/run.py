@@ -15,6 +15,8 @@ epoch); both run the same :func:`lateral_jax.training.train.train_step`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import json
 import math
 import signal
@@ -26,9 +28,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import multihost_utils
 
-from lateral_jax.core import models
+from lateral_jax.core import dynamics, models
 from lateral_jax.training import checkpoint, train
 from lateral_jax.training.config import (
     DATASETS,
@@ -151,6 +154,7 @@ class _Run:
         else:
             self.feed = HostFeed(config, self.data, train.jit_train_step(self.model, self.tx, self.mesh), self.mesh)
         self.eval_fn = train.jit_eval_step(self.model, self.mesh)
+        self.spectral_fn = jax.jit(functools.partial(dynamics.layer_spectral_radii, self.model, num_iters=12))
         self.ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
         self.writer: MetricWriter | None = None  # opened once the resume step is known
         self.divergence = DivergenceMonitor(config.divergence, self.data.num_classes)
@@ -163,11 +167,22 @@ class _Run:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
+        first = next(batches, None)
+        if first is not None:
+            batches = itertools.chain([first], batches)
         result = train.evaluate(self.eval_fn, state.params, batches, self.mesh)
         values = {"accuracy": result["accuracy"], "loss": result["loss"], **train.ei_metrics(state.params)}
+        if first is not None and self.config.spectral_images > 0:
+            real = first["image"][first["label"] >= 0][: self.config.spectral_images]
+            values.update(self.spectral_metrics(state.params, real))
         self.writer.write(step, "eval", values)
         self.observe_loss(step, values["loss"])
         return values
+
+    def spectral_metrics(self, params: Any, images) -> dict[str, float]:
+        """``loop/spectral_radius/<layer>``: the mean over ``images`` of ρ(J) at each layer's a(T)."""
+        radii = jax.device_get(self.spectral_fn({"params": jax.device_get(params)}, jnp.asarray(images)))
+        return {f"loop/spectral_radius/{name}": float(np.mean(r)) for name, r in radii.items()}
 
     def newest_checkpoint(self) -> int | str:
         """The newest saved step once pending saves are written (``"none"`` before the first)."""

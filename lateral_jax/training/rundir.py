@@ -36,7 +36,16 @@ ON_CONFIG_CHANGE = ("error", "move_aside")
 # RunConfig fields (dotted) that may differ between a run folder's config and a resumption's:
 # they change what is shown, logged or kept, not the weights a run trains.
 RESUMABLE_FIELDS = frozenset(
-    {"progress", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "data.data_dir", "data.download"}
+    {
+        "progress",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "spectral_images",
+        "data.data_dir",
+        "data.download",
+    }
 )
 RESUMABLE_PREFIXES = ("divergence.",)
 
