@@ -12,7 +12,8 @@ or gradient was not finite, so the host can stop with an error naming it without
 Data parallelism is the single-program form JAX recommends (``jax.pmap`` is in maintenance mode):
 one ``jax.jit`` over the mesh of :mod:`lateral_jax.core.sharding` (all devices of all processes,
 the batch sharded along its data axis), params and optimiser state replicated; XLA inserts the
-gradient all-reduce.  The same code runs on 1 device, N devices and N hosts.
+gradient all-reduce.  The same code runs on 1 device, N devices and N hosts.  The steps also run
+per shard under a user's ``jax.pmap`` or ``jax.shard_map`` (``axis_name=``; docs/parallelism.md).
 """
 
 from __future__ import annotations
@@ -137,15 +138,39 @@ def loss_and_metrics(model: Any, params: Any, batch: Batch) -> tuple[jax.Array, 
     return ce + penalty, metrics
 
 
+def _reduce_metrics(metrics: dict[str, jax.Array], axis_name: str) -> dict[str, jax.Array]:
+    """Per-shard metrics → the batch's: means by ``pmean``, ``loop_residual_max`` by ``pmax``."""
+    return {k: (jax.lax.pmax if k == "loop_residual_max" else jax.lax.pmean)(v, axis_name) for k, v in metrics.items()}
+
+
 def train_step(
-    state: TrainState, batch: Batch, *, model: Any, tx: optax.GradientTransformation
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: Any,
+    tx: optax.GradientTransformation,
+    axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step; records the first step whose loss or gradient is not finite.
 
     Skipping a non-finite update is the optimiser's job (``optax.apply_if_finite`` in
     :func:`make_optimizer`).
+
+    ``axis_name``: when the step runs per shard of the batch under ``jax.pmap(...,
+    axis_name=...)`` or ``jax.shard_map`` (``batch`` is this shard's part, ``state`` replicated),
+    the loss gradient and the metrics are averaged over that axis (``lax.pmean``), so every
+    replica applies the same update: the gradient of the mean loss over the whole batch, as the
+    default ``jax.jit`` + sharding step computes it.  The parameters are marked as varying
+    over the axis (``lax.pcast``) before differentiating, so the same code is right under
+    ``shard_map``'s varying-axes checks (which would otherwise sum the gradient over the axis
+    by themselves) and under ``pmap``.  ``final_loop_change`` is then the mean of the shards'
+    values (a ratio of norms over each shard), not the ratio over the whole batch.
     """
-    (loss, metrics), grads = jax.value_and_grad(lambda p: loss_and_metrics(model, p, batch), has_aux=True)(state.params)
+    params = state.params if axis_name is None else jax.lax.pcast(state.params, axis_name, to="varying")
+    (loss, metrics), grads = jax.value_and_grad(lambda p: loss_and_metrics(model, p, batch), has_aux=True)(params)
+    if axis_name is not None:
+        loss, grads = jax.lax.pmean((loss, grads), axis_name)
+        metrics = _reduce_metrics(metrics, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
@@ -158,20 +183,22 @@ def train_step(
     }
 
 
-def eval_step(params: Any, batch: Batch, *, model: Any) -> dict[str, jax.Array]:
+def eval_step(params: Any, batch: Batch, *, model: Any, axis_name: str | None = None) -> dict[str, jax.Array]:
     """Sums (not means) of correct predictions, loss and count, so shards and batches add up.
 
-    Examples whose ``label`` is negative are padding and are not counted.
+    Examples whose ``label`` is negative are padding and are not counted.  ``axis_name``: sum over
+    that ``pmap`` / ``shard_map`` axis too (``lax.psum``), so each replica returns the batch's sums.
     """
     logits = model.apply({"params": params}, batch["image"]).logits
     valid = batch["label"] >= 0
     labels = jnp.where(valid, batch["label"], 0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return {
+    sums = {
         "correct": jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == labels, False)),
         "loss_sum": jnp.sum(jnp.where(valid, ce, 0.0)),
         "count": jnp.sum(valid),
     }
+    return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
 
 # --------------------------------------------------------------------------------------------

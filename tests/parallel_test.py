@@ -1,0 +1,85 @@
+"""The train and eval steps under a user's ``jax.pmap`` and ``jax.shard_map`` (``axis_name=``)
+against the library's ``jax.jit`` + sharding step, on 8 fake CPU devices."""
+
+import functools
+
+import chex
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lateral_jax.core.sharding import DATA_AXIS
+from lateral_jax.training import train
+from tests.train_test import setup
+
+# The three forms all-reduce the same per-device gradients in different orders: float32 summation
+# tolerance, as for the 1-device vs 8-device comparison.
+TOL = {"atol": 1e-6, "rtol": 1e-5}
+EXACT_METRICS = ("loss", "ce", "ei_penalty", "accuracy", "grad_norm")
+
+
+def _jit_reference(steps=2):
+    model, tx, mesh, state, batch = setup(8)
+    step = train.jit_train_step(model, tx, mesh)
+    for _ in range(steps):
+        state, metrics = step(state, train.shard_batch(batch, mesh))
+    evaluated = train.jit_eval_step(model, mesh)(state.params, train.shard_batch(batch, mesh))
+    return jax.device_get((state, metrics, evaluated))
+
+
+def _check(got, want):
+    (state, metrics, evaluated), (ref_state, ref_metrics, ref_evaluated) = got, want
+    chex.assert_trees_all_close(state.params, ref_state.params, **TOL)
+    chex.assert_trees_all_close(state.opt_state, ref_state.opt_state, **TOL)
+    assert int(state.step) == int(ref_state.step) == 2
+    for k in EXACT_METRICS:
+        assert float(metrics[k]) == pytest.approx(float(ref_metrics[k]), rel=1e-5, abs=1e-6), k
+    # A per-shard ratio of norms, averaged: close to the whole batch's, not equal.
+    assert float(metrics["final_loop_change"]) == pytest.approx(float(ref_metrics["final_loop_change"]), rel=0.2)
+    assert {k: int(v) for k, v in evaluated.items() if k != "loss_sum"} == {
+        k: int(v) for k, v in ref_evaluated.items() if k != "loss_sum"
+    }
+    assert float(evaluated["loss_sum"]) == pytest.approx(float(ref_evaluated["loss_sum"]), rel=1e-5)
+
+
+def test_pmap_step_equals_the_jit_step():
+    model, tx, _, state, batch = setup(8)
+    state = jax.device_get(state)
+    step = jax.pmap(functools.partial(train.train_step, model=model, tx=tx, axis_name="batch"), axis_name="batch")
+    evaluate = jax.pmap(functools.partial(train.eval_step, model=model, axis_name="batch"), axis_name="batch")
+    replicated = jax.tree.map(lambda x: np.stack([np.asarray(x)] * 8), state)  # one copy per device
+    shards = jax.tree.map(lambda x: x.reshape(8, -1, *x.shape[1:]), batch)
+    for _ in range(2):
+        replicated, metrics = step(replicated, shards)
+    evaluated = evaluate(replicated.params, shards)
+    # Every replica holds the same state (they would drift apart without the gradient pmean).
+    for leaf in jax.tree.leaves(replicated.params):
+        np.testing.assert_array_equal(np.asarray(leaf)[0], np.asarray(leaf)[-1])
+    first = jax.tree.map(lambda x: np.asarray(x)[0], (replicated, metrics, evaluated))
+    _check(first, _jit_reference())
+
+
+def test_shard_map_step_equals_the_jit_step():
+    model, tx, mesh, state, batch = setup(8)
+    step = jax.jit(
+        jax.shard_map(
+            functools.partial(train.train_step, model=model, tx=tx, axis_name=DATA_AXIS),
+            mesh=mesh,
+            in_specs=(P(), P(DATA_AXIS)),
+            out_specs=(P(), P()),
+        )
+    )
+    evaluate = jax.jit(
+        jax.shard_map(
+            functools.partial(train.eval_step, model=model, axis_name=DATA_AXIS),
+            mesh=mesh,
+            in_specs=(P(), P(DATA_AXIS)),
+            out_specs=P(),
+        )
+    )
+    data = jax.device_put(batch, NamedSharding(mesh, P(DATA_AXIS)))
+    for _ in range(2):
+        state, metrics = step(state, data)
+    _check(jax.device_get((state, metrics, evaluate(state.params, data))), _jit_reference())
