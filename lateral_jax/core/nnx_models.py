@@ -1,0 +1,402 @@
+"""Flax NNX versions of the layers and models: thin wrappers over the same pure core.
+
+Each NNX module holds its parameters as ``nnx.Param`` attributes with the names and nesting of
+the Linen module it mirrors (:mod:`lateral_jax.core.layers`, :mod:`lateral_jax.core.models`), and
+its ``__call__`` runs the same pure functions (:func:`lateral_jax.core.recurrence.unroll`,
+:func:`~lateral_jax.core.recurrence.recur`, :func:`lateral_jax.core.pooling.max_pool`).  So the
+parameters of a Linen model (``variables["params"]``), loaded with :func:`load_params`, give the same logits, states,
+residuals and gradients (tested), and :func:`params_dict` gives the Linen-style dict back — the
+form :mod:`lateral_jax.core.ei` (penalties, diagnostics) and the checkpoints use.
+
+NNX modules are built eagerly, so they take the input channels (``in_features``) and an
+``nnx.Rngs``; the rest of the configuration is that of the Linen module::
+
+    model = nnx_models.LCCNN(in_features=3, widths=(32, 64), num_steps=4, rngs=nnx.Rngs(0))
+    out = model(images)                     # ModelOutput(logits, states, residuals)
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen, nnx
+
+from lateral_jax.core import ei, pooling, recurrence
+from lateral_jax.core.config import LateralConfig, LoopOptions
+from lateral_jax.core.layer import Unrolled, check_input
+from lateral_jax.core.models import ModelOutput, Record, _check_widths, _wants, weighted_ei_penalty
+from lateral_jax.core.params import LateralParams, NormParams, init_afferent_kernel
+
+
+def params_dict(module: nnx.Module) -> dict:
+    """The module's parameters as the nested dict of its Linen twin (``variables["params"]``)."""
+    return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
+def load_params(module: nnx.Module, params: dict) -> None:
+    """Sets the module's parameters from a Linen-style dict (e.g. a Linen model's ``params``)."""
+    state = nnx.state(module, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    nnx.update(module, state)
+
+
+def _norm(channels: int, kind: str) -> tuple[nnx.Param, nnx.Param] | None:
+    if kind == "none":
+        return None
+    return nnx.Param(jnp.ones((channels,), jnp.float32)), nnx.Param(jnp.zeros((channels,), jnp.float32))
+
+
+def _value(pair) -> NormParams | None:
+    return None if pair is None else NormParams(pair[0][...], pair[1][...])
+
+
+class _LateralParams(nnx.Module):
+    """The lateral part of a layer: ``w_lat`` (or ``v_lat``), ``w_inh``, the loop norm."""
+
+    def __init__(self, channels, config, *, num_steps, unshared, ei_mode, excitatory_fraction, rngs):
+        ei.check_mode(ei_mode)
+        self.lateral_config, self.ei_mode, self.excitatory_fraction = config, ei_mode, excitatory_fraction
+        key = rngs.params()
+        if unshared:
+            keys = jax.random.split(key, num_steps)
+            self.w_lat = nnx.Param(jax.vmap(lambda k: recurrence.init_lateral_kernel(k, config, channels))(keys))
+        elif ei_mode == "parametrise":
+            self.v_lat = nnx.Param(ei.inverse_parametrise(recurrence.init_lateral_kernel(key, config, channels)))
+        else:
+            self.w_lat = nnx.Param(recurrence.init_lateral_kernel(key, config, channels))
+        if config.inhibitory_size is not None:
+            w_inh = recurrence.init_lateral_kernel(rngs.params(), config, channels, config.inhibitory_size)
+            self.w_inh = nnx.Param(-jnp.abs(w_inh))
+        norm = _norm(channels, config.loop_norm)
+        if norm is not None:
+            self.loop_norm_scale, self.loop_norm_bias = norm
+
+    def lateral(self) -> dict[str, Any]:
+        """``w_lat`` (sign-parametrised in that E/I mode), ``w_inh``, ``loop_norm`` as arrays."""
+        if self.ei_mode == "parametrise" and hasattr(self, "v_lat"):
+            v = self.v_lat[...]
+            w_lat = ei.parametrise(v, ei.dale_signs(v.shape[-1], self.excitatory_fraction))
+        else:
+            w_lat = self.w_lat[...]
+        loop_norm = None
+        if hasattr(self, "loop_norm_scale"):
+            loop_norm = NormParams(self.loop_norm_scale[...], self.loop_norm_bias[...])
+        return {"w_lat": w_lat, "w_inh": self.w_inh[...] if hasattr(self, "w_inh") else None, "loop_norm": loop_norm}
+
+
+class LateralConv(_LateralParams):
+    """NNX twin of :class:`lateral_jax.core.layers.LateralConv`: ``recurrence.unroll`` as a layer."""
+
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        *,
+        num_steps: int = 4,
+        config: LateralConfig = LateralConfig.stable(),
+        loop: LoopOptions = LoopOptions(),
+        ei_mode: ei.EIMode = "none",
+        excitatory_fraction: float = 0.8,
+        unshared: bool = False,
+        dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.num_steps = recurrence.check_num_steps(num_steps)
+        config.check_channels(features)
+        self.in_features, self.loop, self.unshared, self.dtype = in_features, loop, unshared, dtype
+        self.w_ff = nnx.Param(init_afferent_kernel(rngs.params(), config, in_features, features))
+        self.b_ff = nnx.Param(jnp.zeros((features,), jnp.float32))
+        norm = _norm(features, config.drive_norm)
+        if norm is not None:
+            self.drive_norm_scale, self.drive_norm_bias = norm
+        if self.num_steps == 0:
+            ei.check_mode(ei_mode)
+            self.lateral_config, self.ei_mode, self.excitatory_fraction = config, ei_mode, excitatory_fraction
+            loop_norm = _norm(features, config.loop_norm)
+            if loop_norm is not None:
+                self.loop_norm_scale, self.loop_norm_bias = loop_norm
+            return
+        super().__init__(
+            features,
+            config,
+            num_steps=self.num_steps,
+            unshared=unshared,
+            ei_mode=ei_mode,
+            excitatory_fraction=excitatory_fraction,
+            rngs=rngs,
+        )
+
+    def layer_params(self) -> LateralParams:
+        """The pure :class:`LateralParams` of this layer (what the core functions take)."""
+        drive_norm = None
+        if hasattr(self, "drive_norm_scale"):
+            drive_norm = NormParams(self.drive_norm_scale[...], self.drive_norm_bias[...])
+        if self.num_steps == 0:
+            loop_norm = None
+            if hasattr(self, "loop_norm_scale"):
+                loop_norm = NormParams(self.loop_norm_scale[...], self.loop_norm_bias[...])
+            return LateralParams(self.w_ff[...], self.b_ff[...], None, None, drive_norm, loop_norm)
+        return LateralParams(self.w_ff[...], self.b_ff[...], drive_norm=drive_norm, **self.lateral())
+
+    def __call__(self, x: jax.Array, *, return_states: bool = False) -> Unrolled:
+        check_input(x, self.in_features)
+        params, cfg = self.layer_params(), self.lateral_config
+        x = x.astype(self.dtype)
+        if self.num_steps == 0:
+            a0 = recurrence.initial_state(params, recurrence.afferent_drive(params, x, cfg), cfg)
+            return Unrolled(a0, a0[None] if return_states else None, jnp.zeros((), jnp.float32))
+        if self.unshared:
+            return recurrence.unroll_unshared(params, x, config=cfg, loop=self.loop, return_states=return_states)
+        return recurrence.unroll(
+            params, x, num_steps=self.num_steps, config=cfg, loop=self.loop, return_states=return_states
+        )
+
+
+class LateralRecurrence(_LateralParams):
+    """NNX twin of :class:`lateral_jax.core.layers.LateralRecurrence`: loops on a given drive."""
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        num_steps: int = 4,
+        config: LateralConfig = LateralConfig.stable(),
+        loop: LoopOptions = LoopOptions(),
+        ei_mode: ei.EIMode = "none",
+        excitatory_fraction: float = 0.8,
+        rngs: nnx.Rngs,
+    ):
+        self.num_steps, self.loop = recurrence.check_num_steps(num_steps), loop
+        super().__init__(
+            channels,
+            config,
+            num_steps=self.num_steps,
+            unshared=False,
+            ei_mode=ei_mode,
+            excitatory_fraction=excitatory_fraction,
+            rngs=rngs,
+        )
+
+    def __call__(self, drive: jax.Array, *, return_states: bool = False) -> Unrolled:
+        params = LateralParams(None, None, **self.lateral())
+        return recurrence.recur(
+            params, drive, num_steps=self.num_steps, config=self.lateral_config, loop=self.loop,
+            return_states=return_states,
+        )  # fmt: skip
+
+
+def _classify(head: nnx.Linear, h: jax.Array) -> jax.Array:
+    """Global average pool and the dense ``head``; float32 logits (as in the Linen models)."""
+    return head(h.mean(axis=(1, 2))).astype(jnp.float32)
+
+
+def _collect(out: Unrolled, name: str, record: Record, states: dict, residuals: dict) -> jax.Array:
+    if out.states is not None and _wants(record, name):
+        states[name] = out.states
+    residuals[name] = out.residual
+    return out.final
+
+
+class LateralCNN(nnx.Module):
+    """NNX twin of :class:`lateral_jax.core.models.LateralCNN` (same attributes, plus
+    ``in_features`` and ``rngs``); ``FCNN``, ``LCCNN``, ``LCEICNN`` and ``UnsharedCNN`` below set
+    the same defaults as their Linen twins."""
+
+    default_num_steps, default_ei_mode, default_ei_weight, default_unshared = 4, "none", 0.0, False
+
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        widths: Sequence[int] = (32, 64, 128),
+        num_classes: int = 10,
+        num_steps: int | None = None,
+        lateral: LateralConfig = LateralConfig.stable(),
+        lateral_layers: Sequence[int] | None = None,
+        loop: LoopOptions = LoopOptions(),
+        ei_mode: ei.EIMode | None = None,
+        ei_weight: float | None = None,
+        excitatory_fraction: float = 0.8,
+        unshared: bool | None = None,
+        dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        _check_widths(widths)
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        self.num_steps = pick(num_steps, self.default_num_steps)
+        self.ei_mode, self.ei_weight = pick(ei_mode, self.default_ei_mode), pick(ei_weight, self.default_ei_weight)
+        self.excitatory_fraction, self.widths = excitatory_fraction, tuple(widths)
+        if self.ei_weight < 0:
+            raise ValueError(f"ei_weight={self.ei_weight!r} must be >= 0 (it is λ_EI in CE + λ_EI·L_EI).")
+        channels = in_features
+        for i, width in enumerate(self.widths):
+            lateral_here = lateral_layers is None or i in lateral_layers
+            layer = LateralConv(
+                channels,
+                width,
+                num_steps=self.num_steps if lateral_here else 0,
+                config=lateral,
+                loop=loop,
+                ei_mode=self.ei_mode,
+                excitatory_fraction=excitatory_fraction,
+                unshared=pick(unshared, self.default_unshared),
+                dtype=dtype,
+                rngs=rngs,
+            )
+            setattr(self, f"lateral_{i}", layer)
+            channels = width
+        self.head = nnx.Linear(channels, num_classes, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, record: Record = False) -> ModelOutput:
+        if x.ndim != 4:
+            raise ValueError(f"input must be NHWC [batch, height, width, channels]; got shape {tuple(x.shape)}.")
+        states, residuals, h = {}, {}, x
+        for i in range(len(self.widths)):
+            name = f"lateral_{i}"
+            out = getattr(self, name)(h, return_states=_wants(record, name))
+            h = pooling.max_pool(_collect(out, name, record, states, residuals), 2)
+        return ModelOutput(_classify(self.head, h), states, residuals)
+
+    def ei_penalty(self) -> jax.Array:
+        """``ei_weight · L_EI`` of the current parameters."""
+        return weighted_ei_penalty(self, params_dict(self))
+
+
+class FCNN(LateralCNN):
+    """The feed-forward baseline (T = 0)."""
+
+    default_num_steps = 0
+
+
+class LCCNN(LateralCNN):
+    """T = 4 weight-shared lateral loops in every conv layer."""
+
+
+class LCEICNN(LateralCNN):
+    """LC-CNN plus the mixed-sign E/I penalty, λ_EI = 1e-3."""
+
+    default_ei_mode, default_ei_weight = "mixed_sign", 1e-3
+
+
+class UnsharedCNN(LateralCNN):
+    """Compute-matched control: one lateral kernel per loop."""
+
+    default_unshared = True
+
+
+class _BasicBlock(nnx.Module):
+    def __init__(self, in_features: int, features: int, strides: int, num_groups: int, dtype: Any, rngs: nnx.Rngs):
+        def conv(cin, size, stride):
+            return nnx.Conv(
+                cin, features, (size, size), (stride, stride), padding="SAME", use_bias=False, dtype=dtype, rngs=rngs
+            )
+
+        def gn():
+            return nnx.GroupNorm(features, num_groups=num_groups, dtype=dtype, rngs=rngs)
+
+        self.conv1, self.norm1 = conv(in_features, 3, strides), gn()
+        self.conv2, self.norm2 = conv(features, 3, 1), gn()
+        if in_features != features or strides != 1:
+            self.proj, self.proj_norm = conv(in_features, 1, strides), gn()
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.norm2(self.conv2(jax.nn.relu(self.norm1(self.conv1(x)))))
+        if hasattr(self, "proj"):
+            x = self.proj_norm(self.proj(x))
+        return h + x
+
+
+class LateralResNet(nnx.Module):
+    """NNX twin of :class:`lateral_jax.core.models.LateralResNet` (same attributes, plus
+    ``in_features`` and ``rngs``)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        stage_sizes: Sequence[int] = (2, 2, 2, 2),
+        widths: Sequence[int] = (64, 128, 256, 512),
+        num_classes: int = 10,
+        num_steps: int = 4,
+        lateral: LateralConfig = LateralConfig.stable(),
+        lateral_stages: Sequence[int] = (0, 1),
+        loop: LoopOptions = LoopOptions(),
+        ei_mode: ei.EIMode = "none",
+        ei_weight: float = 0.0,
+        excitatory_fraction: float = 0.8,
+        small_inputs: bool = True,
+        num_groups: int = 8,
+        dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        _check_widths(widths)
+        if len(stage_sizes) != len(widths):
+            raise ValueError(f"stage_sizes {tuple(stage_sizes)} and widths {tuple(widths)} differ in length.")
+        self.ei_mode, self.ei_weight, self.excitatory_fraction = ei_mode, ei_weight, excitatory_fraction
+        self.small_inputs, self.dtype, self.blocks = small_inputs, dtype, []
+        size = (3, 3) if small_inputs else (7, 7)
+        stride = (1, 1) if small_inputs else (2, 2)
+        self.stem = nnx.Conv(
+            in_features, widths[0], size, stride, padding="SAME", use_bias=False, dtype=dtype, rngs=rngs
+        )
+        self.stem_norm = nnx.GroupNorm(widths[0], num_groups=num_groups, dtype=dtype, rngs=rngs)
+        channels = widths[0]
+        for s, (blocks, width) in enumerate(zip(stage_sizes, widths, strict=True)):
+            for b in range(blocks):
+                name, strides = f"stage{s}_block{b}", 2 if (s > 0 and b == 0) else 1
+                setattr(self, name, _BasicBlock(channels, width, strides, num_groups, dtype, rngs))
+                lateral_name = None
+                if s in lateral_stages and num_steps > 0:
+                    lateral_name = f"{name}_lateral"
+                    layer = LateralRecurrence(
+                        width,
+                        num_steps=num_steps,
+                        config=lateral,
+                        loop=loop,
+                        ei_mode=ei_mode,
+                        excitatory_fraction=excitatory_fraction,
+                        rngs=rngs,
+                    )
+                    setattr(self, lateral_name, layer)
+                self.blocks.append((name, lateral_name))
+                channels = width
+        self.head = nnx.Linear(channels, num_classes, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, record: Record = False) -> ModelOutput:
+        h = jax.nn.relu(self.stem_norm(self.stem(x.astype(self.dtype))))
+        if not self.small_inputs:
+            h = linen.max_pool(h, (3, 3), strides=(2, 2), padding="SAME")
+        states, residuals = {}, {}
+        for name, lateral_name in self.blocks:
+            drive = getattr(self, name)(h)
+            if lateral_name is None:
+                h = jax.nn.relu(drive)
+                continue
+            out = getattr(self, lateral_name)(drive, return_states=_wants(record, lateral_name))
+            h = _collect(out, lateral_name, record, states, residuals)
+        return ModelOutput(_classify(self.head, h), states, residuals)
+
+    def ei_penalty(self) -> jax.Array:
+        """``ei_weight · L_EI`` of the current parameters."""
+        return weighted_ei_penalty(self, params_dict(self))
+
+
+MODELS = {"fcnn": FCNN, "lccnn": LCCNN, "lceicnn": LCEICNN, "unshared": UnsharedCNN, "lateral_resnet": LateralResNet}
+
+__all__ = [
+    "FCNN",
+    "LCCNN",
+    "LCEICNN",
+    "MODELS",
+    "LateralCNN",
+    "LateralConv",
+    "LateralRecurrence",
+    "LateralResNet",
+    "UnsharedCNN",
+    "load_params",
+    "params_dict",
+]

@@ -1,0 +1,93 @@
+"""The Flax NNX twins (lateral_jax/core/nnx_models.py): the same parameters give the same logits,
+states, residuals, E/I penalty and gradients as the Linen models; an nnx.Optimizer loop trains."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lateral_jax.core import ei, models, nnx_models
+from lateral_jax.core.config import LateralConfig, LoopOptions
+
+SMALL = LateralConfig.stable(num_groups=2)
+CASES = {
+    "fcnn": ("fcnn", {}),
+    "lccnn": ("lccnn", {}),
+    "lceicnn": ("lceicnn", {}),
+    "unshared": ("unshared", {}),
+    "lccnn-parametrise": ("lccnn", {"ei_mode": "parametrise"}),
+    "lccnn-two-population": ("lccnn", {"lateral": LateralConfig.stable(num_groups=2, inhibitory_size=5)}),
+    "lccnn-implicit": ("lccnn", {"loop": LoopOptions(grad_mode="implicit")}),
+    "lateral_resnet": ("lateral_resnet", {"stage_sizes": (1, 1), "lateral_stages": (1,), "num_groups": 2}),
+}
+
+
+def _twins(case):
+    kind, extra = CASES[case]
+    kw = {"widths": (4, 8), "num_classes": 3, "lateral": SMALL, **extra}
+    if kind != "fcnn":
+        kw["num_steps"] = 2
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    linen = models.MODELS[kind](**kw)
+    params = linen.init(jax.random.key(0), x)["params"]
+    twin = nnx_models.MODELS[kind](3, **kw, rngs=nnx.Rngs(7))
+    assert jax.tree.structure(nnx_models.params_dict(twin)) == jax.tree.structure(params)
+    nnx_models.load_params(twin, params)
+    return linen, params, twin, x
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_same_params_give_the_same_outputs_and_gradients(case):
+    linen, params, twin, x = _twins(case)
+    record = "loop" not in CASES[case][1]  # implicit mode keeps no per-loop states
+    want, got = linen.apply({"params": params}, x, record=record), twin(x, record=record)
+    np.testing.assert_array_equal(got.logits, want.logits)
+    assert sorted(got.states) == sorted(want.states) and sorted(got.residuals) == sorted(want.residuals)
+    for name in want.states:
+        np.testing.assert_array_equal(got.states[name], want.states[name])
+    np.testing.assert_array_equal(twin.ei_penalty(), linen.ei_penalty(params))
+
+    def linen_loss(p):
+        return jnp.sum(jax.nn.log_softmax(linen.apply({"params": p}, x).logits)[:, 0]) + linen.ei_penalty(p)
+
+    def nnx_loss(model):
+        return jnp.sum(jax.nn.log_softmax(model(x).logits)[:, 0]) + model.ei_penalty()
+
+    want_grads = jax.grad(linen_loss)(params)
+    got_grads = nnx.to_pure_dict(nnx.grad(nnx_loss)(twin))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got_grads, want_grads)
+
+
+def test_ei_diagnostics_read_the_nnx_parameters():
+    _, params, twin, _ = _twins("lceicnn")
+    got = ei.diagnostics(nnx_models.params_dict(twin))
+    want = ei.diagnostics(params)
+    assert sorted(got) == sorted(want) and got
+    for name in want:
+        for k in want[name]:
+            np.testing.assert_array_equal(got[name][k], want[name][k])
+
+
+def test_nnx_optimizer_trains_and_wrong_input_is_refused():
+    model = nnx_models.LCEICNN(1, widths=(4, 8), num_classes=2, num_steps=2, lateral=SMALL, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 16)
+    images = (rng.standard_normal((16, 8, 8, 1)) + 2.0 * labels[:, None, None, None]).astype(np.float32)
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        def loss_fn(model):
+            logits = model(x).logits
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() + model.ei_penalty()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer, images, labels)) for _ in range(15)]
+    assert losses[-1] < 0.5 * losses[0]
+    with pytest.raises(ValueError, match="channels"):
+        model(jnp.zeros((1, 8, 8, 3)))
