@@ -42,3 +42,18 @@ def test_docs_cite_only_what_is_in_the_repository():
         for target in re.findall(r"\]\(([^)#]+)\)", text):
             if "://" not in target:
                 assert (path.parent / target).exists(), f"{path.name} links {target}, which does not exist"
+
+
+def test_tutorial_runs_in_short_mode():
+    """docs/tutorial.py (jupytext) runs top to bottom with 3 training steps and prints its results."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LATERAL_JAX_TUTORIAL_STEPS": "3"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "tutorial.py")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "T = 0: final training loss" in done.stdout and "T = 4: final training loss" in done.stdout
+    assert "spectral radius of the loop Jacobian" in done.stdout and "relative change per loop" in done.stdout
