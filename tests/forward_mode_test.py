@@ -31,9 +31,9 @@ def test_max_pool_forward_mode_equals_flax_and_reverse_mode():
     np.testing.assert_array_equal(jax.jacfwd(pooling.max_pool)(x), jax.jacrev(pooling.max_pool)(x))
 
 
-def _model_loss(kind: str, loop: LoopOptions):
+def _model_loss(kind: str, loop: LoopOptions, lateral: LateralConfig = XLA):
     model = {"fcnn": models.FCNN, "lccnn": models.LCCNN, "lceicnn": models.LCEICNN}[kind](
-        widths=(4, 4), num_classes=3, num_steps=3, lateral=XLA, loop=loop
+        widths=(4, 4), num_classes=3, num_steps=3, lateral=lateral, loop=loop
     )
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
     params = model.init(jax.random.key(0), x)["params"]
@@ -45,13 +45,19 @@ def _model_loss(kind: str, loop: LoopOptions):
     return loss, params
 
 
-# F-CNN has no loops: one grad mode covers it.
-MODEL_CASES = [("fcnn", "full")] + [(kind, mode) for kind in ("lccnn", "lceicnn") for mode in GRAD_MODES]
+WINOGRAD = LateralConfig.stable(num_groups=2, conv_algorithm="winograd")
+# F-CNN has no loops: one grad mode covers it.  The Winograd cases: the loop modes that the
+# every-order Winograd test below (grad mode 'full') does not cover.
+MODEL_CASES = (
+    [("fcnn", "full", "xla")]
+    + [(kind, mode, "xla") for kind in ("lccnn", "lceicnn") for mode in GRAD_MODES]
+    + [("lccnn", mode, "winograd") for mode in ("remat", "truncated", "implicit")]
+)
 
 
-@pytest.mark.parametrize("kind,mode", MODEL_CASES)
-def test_models_jvp_equals_vjp_and_finite_differences(kind, mode):
-    loss, params = _model_loss(kind, GRAD_MODES[mode])
+@pytest.mark.parametrize("kind,mode,algorithm", MODEL_CASES)
+def test_models_jvp_equals_vjp_and_finite_differences(kind, mode, algorithm):
+    loss, params = _model_loss(kind, GRAD_MODES[mode], XLA if algorithm == "xla" else WINOGRAD)
     v = jax.tree_util.tree_map(lambda a: jax.random.normal(jax.random.key(7), a.shape, a.dtype), params)
     value, jvp = jax.jvp(loss, (params,), (v,))
     grad = jax.grad(loss)(params)
@@ -139,7 +145,7 @@ def test_winograd_derivatives_equal_the_xla_reference_in_every_order():
     results = {}
     for algorithm in ("xla", "winograd"):
         lateral = LateralConfig.stable(num_groups=2, conv_algorithm=algorithm)
-        model = models.LCCNN(widths=(4, 4), num_classes=3, num_steps=3, lateral=lateral)
+        model = models.LCCNN(widths=(4,), num_classes=3, num_steps=2, lateral=lateral)
         params = model.init(jax.random.key(0), x)["params"]
         v = jax.tree_util.tree_map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype), params)
 

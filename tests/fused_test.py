@@ -167,3 +167,32 @@ def test_fused_kernel_needs_a_batch_that_splits_over_the_mesh(key):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         with pytest.raises(ValueError, match="does not split over the 8"):
             recurrence.unroll(params, too_small, num_steps=1, config=config)
+
+
+def test_fused_kernel_in_forward_mode_and_linearize_equals_the_xla_loop_and_grad_keeps_its_kernel(key):
+    """jax.jvp / jax.linearize / jax.jacfwd through the fused loops equal the XLA loop's; jax.grad
+    still runs the hand-written backward kernel (its Pallas call is in the gradient's program)."""
+    config, (b, h, w, c, num_steps) = CASES[0]
+    params = layer(key, config, c)
+    x = jax.random.normal(jax.random.key(1), (b, h, w, 3))
+    direction = jax.random.normal(jax.random.key(2), params.w_lat.shape)
+
+    def final(w_lat, cfg):
+        return recurrence.unroll(params._replace(w_lat=w_lat), x, num_steps=num_steps, config=cfg).final
+
+    fused_config = dataclasses.replace(config, loop_kernel="pallas")
+    (y_ref, dy_ref), (y, dy) = (
+        jax.jvp(lambda v, c=cfg: final(v, c), (params.w_lat,), (direction,)) for cfg in (config, fused_config)
+    )
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(dy, dy_ref) < 1e-5
+    y_lin, f_jvp = jax.linearize(lambda v: final(v, fused_config), params.w_lat)
+    assert rel_err(f_jvp(direction), dy_ref) < 1e-5
+    small = params.w_lat[:, :, :2]  # jacfwd over a slice of the kernel keeps the test small
+
+    def final_of_slice(s, cfg):
+        return final(params.w_lat.at[:, :, :2].set(s), cfg)[0, :2, :2, :2]
+
+    jf = jax.jacfwd(lambda s: final_of_slice(s, fused_config))(small)
+    assert rel_err(jf, jax.jacrev(lambda s: final_of_slice(s, config))(small)) < 1e-5
+    grad_program = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(final(v, fused_config) ** 2)))(params.w_lat))
+    assert "lateral_loops_grad" in grad_program

@@ -91,7 +91,8 @@ class LateralConfig:
         ``"auto"`` (Winograd for large float32 full-mixing 3×3 convolutions on CPU, XLA elsewhere).
       loop_kernel: ``"xla"`` (the reference: the loops are a ``lax.scan`` of XLA ops) or
         ``"pallas"``: all T loops of ``grad_mode="full"`` in one fused Pallas kernel
-        (:mod:`lateral_jax.core.fused`) with a hand-written backward pass (reverse mode only).
+        (:mod:`lateral_jax.core.fused`) with a hand-written backward pass (forward and reverse mode;
+        second-order derivatives need ``"xla"``).
     """
 
     kernel_size: int = 3

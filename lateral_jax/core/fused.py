@@ -16,13 +16,20 @@ rows whose column wraps around the image edge are masked.  Every loop's state is
 ``states`` output ``[T+1, B, margin + H·W + margin, C]``, which is both the kernel's working
 buffer (it stays in L2 on a GPU) and what the backward pass needs.
 
-Backward (``jax.custom_vjp``, hand-written): a second kernel, one program per example, runs the
+Backward (hand-written): a second kernel, one program per example, runs the
 loops backwards over the saved states.  Per loop it recomputes ``pre(t)`` from ``a(t-1)`` (one
 convolution; the forward pass keeps only the states), then ``∂L/∂z = α f'(z) ḡ``, the GroupNorm
 backward ``∂L/∂pre = (u − ⟨u⟩_g − x̂ ⟨u x̂⟩_g)/σ`` with ``u = γ ∂L/∂z``, and the transposed lateral
 convolution ``∂L/∂a(t-1) = (1−α) ḡ + Σ_δ ∂L/∂pre[p − δ] W[δ]ᵀ``.  The reductions over loops, batch
 and pixels run in XLA as single large ops: ``∂L/∂d = Σ_t ∂L/∂pre(t)`` and ``∂L/∂W_lat``, the
 weight gradient of one convolution over the ``T·B`` pairs ``(a(t-1), ∂L/∂pre(t))``.
+
+Differentiation: the call is a ``jax.experimental.hijax`` primitive with a VJP *and* a JVP.
+Reverse mode (``jax.grad``, ``jax.vjp``) runs the backward kernel above; forward mode
+(``jax.jvp``, ``jax.jacfwd``) and ``jax.linearize`` take the states from the forward kernel and
+their tangents from the same loops written in XLA ops (:func:`_xla_states`).  Second-order
+derivatives (Hessian-vector products) would differentiate the Pallas kernels themselves, which
+Pallas does not support: use ``loop_kernel="xla"`` for them.
 
 Backends: on GPU the kernel compiles through Pallas's Triton lowering; on CPU and TPU it runs in
 Pallas's interpreter (the same program, for tests; slow).  Constraints (checked, with a clear
@@ -40,14 +47,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import hijax
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
 from lateral_jax.core.config import GradMode, LateralConfig
 from lateral_jax.core.convolution import conv
 from lateral_jax.core.fused_kernels import LoopGeometry, check_supported, geometry, loop_grad_kernel, loop_kernel
-from lateral_jax.core.layer import Unrolled, initial_state, relative_change
-from lateral_jax.core.params import LateralParams
+from lateral_jax.core.layer import Unrolled, initial_state, lateral_step, relative_change
+from lateral_jax.core.params import LateralParams, NormParams
 from lateral_jax.core.sharding import DATA_AXIS, data_parallel_mesh
 
 
@@ -151,17 +159,20 @@ def _unpad(states: jax.Array, g: LoopGeometry) -> jax.Array:
     return states[:, :, g.margin : g.margin + g.pixels].reshape(t1, b, g.height, g.width, g.channels)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _fused_states(a0, drive, w_lat, scale, bias, g, conv_algorithm, interpret):
-    return _unpad(_call_kernel(a0, drive, w_lat, scale, bias, g, interpret), g)
+def _xla_states(a0, drive, w_lat, scale, bias, config: LateralConfig, num_steps: int) -> jax.Array:
+    """The same loops as the kernel in XLA ops (:func:`lateral_jax.core.layer.lateral_step`):
+    ``a(0..T)`` ``[T+1, B, H, W, C]`` from ``a(0)``; what forward mode differentiates."""
+    loop_norm = NormParams(scale, bias) if config.loop_norm != "none" else None
+    params = LateralParams(None, None, w_lat, None, None, loop_norm)
+
+    def body(a, _):
+        return lateral_step(a, None, params=params, drive=drive, config=config)
+
+    _, states = jax.lax.scan(body, a0, None, length=num_steps)
+    return jnp.concatenate([a0[None], states])
 
 
-def _fused_states_fwd(a0, drive, w_lat, scale, bias, g, conv_algorithm, interpret):
-    padded = _call_kernel(a0, drive, w_lat, scale, bias, g, interpret)
-    return _unpad(padded, g), (padded, drive, w_lat, scale, bias)
-
-
-def _fused_states_bwd(g, conv_algorithm, interpret, residuals, g_states):
+def _backward(g: LoopGeometry, config: LateralConfig, interpret: bool, residuals, g_states):
     """The fused backward kernel for the sequential part; the two reductions over loops, batch and
     pixels run in XLA as single large ops: ``∂L/∂d = Σ_t ∂L/∂pre(t)`` and ``∂L/∂W`` as the
     weight-gradient of one convolution over the ``T·B`` pairs ``(a(t-1), ∂L/∂pre(t))``."""
@@ -173,7 +184,7 @@ def _fused_states_bwd(g, conv_algorithm, interpret, residuals, g_states):
     flat = (t * b, g.height, g.width, g.channels)
 
     def lateral_conv(w):
-        return conv(inputs.reshape(flat), w, algorithm=conv_algorithm)
+        return conv(inputs.reshape(flat), w, algorithm=config.conv_algorithm)
 
     g_w = jax.vjp(lateral_conv, w_lat.astype(drive.dtype))[1](gpre.reshape(flat))[0].astype(w_lat.dtype)
     g_d = jnp.sum(gpre.astype(jnp.float32), axis=0).astype(drive.dtype)
@@ -182,7 +193,52 @@ def _fused_states_bwd(g, conv_algorithm, interpret, residuals, g_states):
     return g_a0, g_d, g_w, g_scale, g_bias
 
 
-_fused_states.defvjp(_fused_states_fwd, _fused_states_bwd)
+class _FusedLoops(hijax.VJPHiPrimitive):
+    """The fused loops as a primitive with both a VJP and a JVP (``jax.experimental.hijax``).
+
+    Reverse mode (``jax.grad``, ``jax.vjp``) runs the hand-written backward kernel
+    (:func:`_backward`); forward mode (``jax.jvp``, ``jax.jacfwd``) and ``jax.linearize`` take the
+    primal from the fused kernel and the tangent from the same loops in XLA ops
+    (:func:`_xla_states`), whose derivatives JAX derives.  A ``custom_vjp`` alone would refuse
+    forward mode; a ``custom_jvp`` alone would make reverse mode transpose the XLA tangent and
+    lose the backward kernel.
+    """
+
+    def __init__(self, in_avals, g: LoopGeometry, config: LateralConfig, interpret: bool):
+        drive = in_avals[1]
+        self.in_avals = tuple(in_avals)
+        self.out_aval = hijax.ShapedArray((g.num_steps + 1, *drive.shape), drive.dtype)
+        self.params = {"g": g, "config": config, "interpret": interpret}
+        super().__init__()
+
+    def expand(self, a0, drive, w_lat, scale, bias):
+        return _unpad(_call_kernel(a0, drive, w_lat, scale, bias, self.g, self.interpret), self.g)
+
+    def vjp_fwd(self, nzs_in, a0, drive, w_lat, scale, bias):
+        padded = _call_kernel(a0, drive, w_lat, scale, bias, self.g, self.interpret)
+        return _unpad(padded, self.g), (padded, drive, w_lat, scale, bias)
+
+    def vjp_bwd_retval(self, residuals, g_states):
+        return _backward(self.g, self.config, self.interpret, residuals, g_states)
+
+    def _tangent(self, primals, tangents):
+        tangents = tuple(hijax.instantiate_zeros(t) for t in tangents)
+        reference = functools.partial(_xla_states, config=self.config, num_steps=self.g.num_steps)
+        return jax.jvp(reference, tuple(primals), tangents)[1]
+
+    def jvp(self, primals, tangents):
+        return self.expand(*primals), self._tangent(primals, tangents)
+
+    def lin(self, nzs_in, *primals):
+        return self.expand(*primals), primals
+
+    def linearized(self, primals, *tangents):
+        return self._tangent(primals, tangents)
+
+
+def _fused_states(a0, drive, w_lat, scale, bias, g: LoopGeometry, config: LateralConfig, interpret: bool):
+    args = (a0, drive, w_lat, scale, bias)
+    return _FusedLoops(tuple(jax.typeof(x) for x in args), g, config, interpret)(*args)
 
 
 def loop_states(
@@ -211,7 +267,7 @@ def loop_states(
         scale, bias = jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32)
 
     def run(a0, drive, w_lat, scale, bias):
-        return _fused_states(a0, drive, w_lat, scale, bias, g, config.conv_algorithm, bool(interpret))
+        return _fused_states(a0, drive, w_lat, scale, bias, g, config, bool(interpret))
 
     mesh = data_parallel_mesh(drive.shape[0], who="loop_kernel='pallas'")
     if mesh is not None:  # one kernel per device on its shard of the batch; W_lat's gradient is summed
