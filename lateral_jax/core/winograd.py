@@ -202,16 +202,25 @@ def _kernel_adjoint(x: jax.Array, dy: jax.Array, m: int) -> jax.Array:
     """``∂w = Gᵀ (Σ_tiles Vᵀ · A ∂y Aᵀ) G``: the adjoint of ``w ↦ w * x``, accumulated per chunk.
 
     A loop of its own so that its matmuls do not share the cache with those of the ``∂x`` chunks.
+    Each chunk's product is a ``jax.checkpoint``: when JAX transposes this function (forward mode,
+    then reverse mode again) it would otherwise compute ``V`` for every chunk in a loop of its own
+    and keep all of them, the whole batch's transformed tiles; rematerialised, each chunk
+    recomputes its ``V`` from its slice of ``x``.
     """
     b, h, wd, c = x.shape
     co = dy.shape[-1]
 
+    @jax.checkpoint
+    def chunk_product(xc, dyc):
+        v, dm = transform_input(xc, m), transform_output_transpose(dyc, m)
+        return jax.lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))))
+
+    def body(du, chunk):
+        return du + chunk_product(*chunk), None
+
     size = chunk_size(b, h, wd, max(c, co))
-    du = jnp.zeros(((m + 2) ** 2, c, co), dy.dtype)
-    for start in range(0, b, size):  # unrolled at trace time: no scan whose invariants JAX would hoist
-        v = transform_input(jax.lax.slice_in_dim(x, start, start + size), m)
-        dm = transform_output_transpose(jax.lax.slice_in_dim(dy, start, start + size), m)
-        du = du + jax.lax.dot_general(v, dm, (((1,), (1,)), ((0,), (0,))))
+    du0 = jnp.zeros(((m + 2) ** 2, c, co), dy.dtype)
+    du, _ = jax.lax.scan(body, du0, (_chunked(x, size), _chunked(dy, size)))
     return transform_kernel_transpose(du, m)
 
 
