@@ -44,14 +44,16 @@ def load_params(module: nnx.Module, params: dict) -> None:
     nnx.update(module, state)
 
 
-def _norm(channels: int, kind: str) -> tuple[nnx.Param, nnx.Param] | None:
-    if kind == "none":
-        return None
-    return nnx.Param(jnp.ones((channels,), jnp.float32)), nnx.Param(jnp.zeros((channels,), jnp.float32))
+def _declare_norm(module: nnx.Module, prefix: str, kind: str, channels: int) -> None:
+    """``<prefix>_scale`` (ones) and ``<prefix>_bias`` (zeros) unless ``kind == "none"`` (as Linen)."""
+    if kind != "none":
+        setattr(module, f"{prefix}_scale", nnx.Param(jnp.ones((channels,), jnp.float32)))
+        setattr(module, f"{prefix}_bias", nnx.Param(jnp.zeros((channels,), jnp.float32)))
 
 
-def _value(pair) -> NormParams | None:
-    return None if pair is None else NormParams(pair[0][...], pair[1][...])
+def _read_norm(module: nnx.Module, prefix: str) -> NormParams | None:
+    scale = getattr(module, f"{prefix}_scale", None)
+    return None if scale is None else NormParams(scale[...], getattr(module, f"{prefix}_bias")[...])
 
 
 class _LateralParams(nnx.Module):
@@ -71,9 +73,7 @@ class _LateralParams(nnx.Module):
         if config.inhibitory_size is not None:
             w_inh = recurrence.init_lateral_kernel(rngs.params(), config, channels, config.inhibitory_size)
             self.w_inh = nnx.Param(-jnp.abs(w_inh))
-        norm = _norm(channels, config.loop_norm)
-        if norm is not None:
-            self.loop_norm_scale, self.loop_norm_bias = norm
+        _declare_norm(self, "loop_norm", config.loop_norm, channels)
 
     def lateral(self) -> dict[str, Any]:
         """``w_lat`` (sign-parametrised in that E/I mode), ``w_inh``, ``loop_norm`` as arrays."""
@@ -82,10 +82,8 @@ class _LateralParams(nnx.Module):
             w_lat = ei.parametrise(v, ei.dale_signs(v.shape[-1], self.excitatory_fraction))
         else:
             w_lat = self.w_lat[...]
-        loop_norm = None
-        if hasattr(self, "loop_norm_scale"):
-            loop_norm = NormParams(self.loop_norm_scale[...], self.loop_norm_bias[...])
-        return {"w_lat": w_lat, "w_inh": self.w_inh[...] if hasattr(self, "w_inh") else None, "loop_norm": loop_norm}
+        w_inh = self.w_inh[...] if hasattr(self, "w_inh") else None
+        return {"w_lat": w_lat, "w_inh": w_inh, "loop_norm": _read_norm(self, "loop_norm")}
 
 
 class LateralConv(_LateralParams):
@@ -110,15 +108,11 @@ class LateralConv(_LateralParams):
         self.in_features, self.loop, self.unshared, self.dtype = in_features, loop, unshared, dtype
         self.w_ff = nnx.Param(init_afferent_kernel(rngs.params(), config, in_features, features))
         self.b_ff = nnx.Param(jnp.zeros((features,), jnp.float32))
-        norm = _norm(features, config.drive_norm)
-        if norm is not None:
-            self.drive_norm_scale, self.drive_norm_bias = norm
-        if self.num_steps == 0:
+        _declare_norm(self, "drive_norm", config.drive_norm, features)
+        if self.num_steps == 0:  # no lateral kernels; the loop norm still acts on a(0)
             ei.check_mode(ei_mode)
             self.lateral_config, self.ei_mode, self.excitatory_fraction = config, ei_mode, excitatory_fraction
-            loop_norm = _norm(features, config.loop_norm)
-            if loop_norm is not None:
-                self.loop_norm_scale, self.loop_norm_bias = loop_norm
+            _declare_norm(self, "loop_norm", config.loop_norm, features)
             return
         super().__init__(
             features,
@@ -132,14 +126,9 @@ class LateralConv(_LateralParams):
 
     def layer_params(self) -> LateralParams:
         """The pure :class:`LateralParams` of this layer (what the core functions take)."""
-        drive_norm = None
-        if hasattr(self, "drive_norm_scale"):
-            drive_norm = NormParams(self.drive_norm_scale[...], self.drive_norm_bias[...])
+        drive_norm = _read_norm(self, "drive_norm")
         if self.num_steps == 0:
-            loop_norm = None
-            if hasattr(self, "loop_norm_scale"):
-                loop_norm = NormParams(self.loop_norm_scale[...], self.loop_norm_bias[...])
-            return LateralParams(self.w_ff[...], self.b_ff[...], None, None, drive_norm, loop_norm)
+            return LateralParams(self.w_ff[...], self.b_ff[...], None, None, drive_norm, _read_norm(self, "loop_norm"))
         return LateralParams(self.w_ff[...], self.b_ff[...], drive_norm=drive_norm, **self.lateral())
 
     def __call__(self, x: jax.Array, *, return_states: bool = False) -> Unrolled:
