@@ -40,6 +40,7 @@ def tiny_config(**overrides) -> run.RunConfig:
         log_every=2,
         checkpoint_every=3,
         progress=False,
+        spectral_images=0,  # on in test_same_seed_same_parameters and the main job's smoke config
     )
     return dataclasses.replace(base, **overrides)
 
@@ -58,7 +59,7 @@ def final_params(workdir: Path, config: run.RunConfig):
 
 
 def test_same_seed_same_parameters(tmp_path):
-    config = tiny_config()
+    config = tiny_config(spectral_images=4)
     a = run.train_and_evaluate(config, tmp_path / "a")
     b = run.train_and_evaluate(config, tmp_path / "b")
     assert a["validation_accuracy"] == b["validation_accuracy"]
