@@ -91,9 +91,11 @@ def _start_vector(key: jax.Array | None, like: jax.Array) -> jax.Array:
     return (v / _norms(v)).astype(like.dtype)
 
 
-def _check_iters(num_iters: int) -> None:
+def _linearised_loop(params, drive, state, config, *, leak: bool, num_iters: int) -> Callable[[State], State]:
+    """``v ↦ J(a) v``, linearised once at ``state``, after checking the power-iteration count."""
     if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 2:
         raise ValueError(f"num_iters={num_iters!r} must be an int >= 2 (power-iteration steps).")
+    return jax.linearize(loop_map(params, drive, config, leak=leak), state)[1]
 
 
 def spectral_radius(
@@ -115,8 +117,7 @@ def spectral_radius(
     Accuracy: within a few per cent after 40 iterations when the two largest moduli are apart
     (tested against the eigenvalues of :func:`step_jacobian`); a lower bound on ρ otherwise.
     """
-    _check_iters(num_iters)
-    _, jvp_fn = jax.linearize(loop_map(params, drive, config, leak=leak), state)
+    jvp_fn = _linearised_loop(params, drive, state, config, leak=leak, num_iters=num_iters)
 
     def body(v, _):
         w = jvp_fn(v)
@@ -140,8 +141,7 @@ def spectral_norm(
     """``‖J(a)‖₂``, the largest singular value, per example: power iteration on ``JᵀJ`` (JVP then
     VJP of one loop).  An upper bound on :func:`spectral_radius`; ``< 1`` means the loop contracts
     every perturbation in the Euclidean norm."""
-    _check_iters(num_iters)
-    _, jvp_fn = jax.linearize(loop_map(params, drive, config, leak=leak), state)
+    jvp_fn = _linearised_loop(params, drive, state, config, leak=leak, num_iters=num_iters)
     vjp_fn = jax.linear_transpose(jvp_fn, state)
 
     def body(v, _):
