@@ -1,4 +1,11 @@
-"""The examples of a run: build the training and validation sources a ``DataConfig`` names."""
+"""The examples of a run: build the training, validation and test sources a ``DataConfig`` names.
+
+Every dataset gets a validation split that is not its test split: the dataset's own validation
+split (an image folder's ``val/``), else a seeded, class-stratified ``validation_fraction`` of the
+training split.  A dataset's own ``test`` split (the official MNIST, Fashion-MNIST and CIFAR-10
+test sets, an image folder's ``test/``) is kept apart as ``Data.test`` and evaluated once, at the
+end of a run.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from lateral_jax.training.config import SYNTHETIC, DataConfig
-from lateral_jax.training.data import pipeline, sources, synthetic
+from lateral_jax.training.data import official, pipeline, sources, synthetic
 
 
 @dataclasses.dataclass
@@ -21,6 +28,7 @@ class Data:
     num_classes: int
     input_shape: tuple[int, int, int]
     class_names: list[str]
+    test: Any | None = None
 
 
 def _subset(source: Any, size: int | None, seed: int) -> Any:
@@ -42,33 +50,41 @@ def build_data(config: DataConfig, seed: int) -> Data:
         tr, va = sources.ArraySource(train_arrays), sources.ArraySource(val_arrays)
         tr = _subset(tr, config.train_subset, seed)
         return Data(tr, va, pipeline.IDENTITY, 2, tr[0]["image"].shape, ["absent", "present"])
+    test = None
     if config.dataset == "image_folder":
-        full, names = sources.image_folder_source(
-            config.archive,
-            "train",
-            image_size=config.image_size,
-            data_dir=config.data_dir,
-            bad_images=config.bad_images,
+        splits, names = sources.image_folder_sources(
+            config.archive, image_size=config.image_size, data_dir=config.data_dir, bad_images=config.bad_images
         )
         if len(names) < 2:
             raise ValueError(
                 f"archive={config.archive!r} holds {len(names)} class(es) {list(names)}; a classifier needs at "
                 "least two <class>/<image> folders."
             )
+        if "train" not in splits:
+            raise ValueError(f"archive={config.archive!r} has no training images; it has the splits {list(splits)}.")
+        full, own_validation, test = splits["train"], splits.get("validation"), splits.get("test")
+    elif config.dataset == "tfds":
+        full = sources.tfds_source(config.tfds_name, "train", data_dir=config.data_dir, download=config.download)
+        own_validation = sources.tfds_source(
+            config.tfds_name, "validation", data_dir=config.data_dir, download=config.download
+        )
+        names = sources.tfds_class_names(full)
+    else:
+        kwargs = dict(raw_dir=config.raw_dir, data_dir=config.data_dir, download=config.download)
+        splits, names = official.official_sources(config.dataset, **kwargs)
+        full, own_validation, test = splits["train"], None, splits["test"]
+    if own_validation is None:
         train_idx, val_idx = sources.train_validation_split(
             sources.labels_of(full), validation_fraction=config.validation_fraction, seed=seed
         )
         tr, va = sources.Subset(full, train_idx), sources.Subset(full, val_idx)
     else:
-        tr = sources.Subset(
-            sources.tfds_source(config.dataset, "train", data_dir=config.data_dir, download=config.download)
-        )
-        va = sources.Subset(
-            sources.tfds_source(config.dataset, "test", data_dir=config.data_dir, download=config.download)
-        )
-        names = [str(i) for i in range(10)]
+        tr, va = sources.Subset(full), sources.Subset(own_validation)
+    test = None if test is None else sources.Subset(test)
     tr = _subset(tr, config.train_subset, seed)
     norm = pipeline.channel_stats(tr, seed=seed)
     image = np.asarray(tr[0]["image"])
     shape = image.shape if image.ndim == 3 else (*image.shape, 1)
-    return Data(tr, va, norm, len(names), tuple(shape), list(names))
+    if config.crop_size is not None:
+        shape = (config.crop_size, config.crop_size, shape[-1])
+    return Data(tr, va, norm, len(names), tuple(shape), list(names), test)

@@ -1,8 +1,11 @@
 """Random-access data sources without TensorFlow.
 
-* :func:`tfds_source` — a registered tfds dataset (``mnist``, ``fashion_mnist``, ``cifar10``) as a
-  ``tfds.data_source`` (array_record).  It is downloaded on first use on a machine with internet;
-  offline and absent, it fails at once with a clear error (tfds itself would retry for minutes).
+* :func:`tfds_source` — a dataset prepared by tfds (e.g. ``imagenet2012``) as a
+  ``tfds.data_source`` (array_record).  Reading it needs no TensorFlow; preparing it is tfds's
+  builder's job (many of tfds's builders import TensorFlow to prepare: MNIST, Fashion-MNIST and
+  CIFAR-10 are prepared without it from their release files by
+  :mod:`lateral_jax.training.data.official`).  Offline and absent, it fails at once with a clear
+  error (tfds itself would retry for minutes).
 * :class:`ImageFolderArchive` — a tfds builder for images laid out ``[<split>/]<class>/<image>``
   in a ``.tar``/``.tar.gz``/``.zip`` archive or a folder (CIFAR-10 JPEG archive, Kaggle's Natural
   Images), written once as array_record and then read with random access.
@@ -29,7 +32,6 @@ import numpy as np
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 SPLIT_NAMES = {"train": "train", "test": "test", "validation": "validation", "val": "validation", "valid": "validation"}
-REGISTERED = ("mnist", "fashion_mnist", "cifar10")
 BAD_IMAGE_POLICIES = ("error", "skip")
 
 
@@ -97,7 +99,8 @@ def train_validation_split(
 # --------------------------------------------------------------------------------------------
 
 
-def _tfds():
+def import_tfds():
+    """``tensorflow_datasets`` (the data extra), or an ``ImportError`` saying how to install it."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:  # pragma: no cover - depends on the install
@@ -122,14 +125,12 @@ def tfds_source(
     download: bool = True,
     online: Callable[[], bool] = internet_available,
 ) -> Any:
-    """A random-access ``tfds.data_source`` of a registered dataset (array_record format).
+    """A random-access ``tfds.data_source`` of a tfds dataset (array_record format).
 
     Raises ``FileNotFoundError`` at once when the dataset is not prepared in ``data_dir`` and it
     cannot be downloaded (``download=False`` or no internet).
     """
-    tfds = _tfds()
-    if name not in REGISTERED:
-        raise ValueError(f"dataset {name!r} is not one of the supported tfds datasets {REGISTERED}.")
+    tfds = import_tfds()
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     if builder.is_prepared():
         return builder.as_data_source(split=split)
@@ -268,7 +269,7 @@ def decode_image(data: bytes, image_size: int | None, channels: int = 3, *, name
 
 
 def _make_builder_class():
-    tfds = _tfds()
+    tfds = import_tfds()
 
     class ImageFolderArchive(tfds.core.GeneratorBasedBuilder):
         """Images laid out ``[<split>/]<class>/<image>`` in an archive or folder, as uint8 tensors.
@@ -363,7 +364,7 @@ def image_folder_builder(
     )
 
 
-def _prepare(builder: Any) -> None:
+def prepare(builder: Any) -> None:
     """Prepares ``builder``'s data; on any failure removes what it wrote (no half-prepared cache)."""
     config_dir = Path(builder.data_dir).parent
     existed = config_dir.exists()
@@ -375,14 +376,33 @@ def _prepare(builder: Any) -> None:
             if config_dir.parent.exists() and not any(config_dir.parent.iterdir()):
                 config_dir.parent.rmdir()
         raise
-    if builder.skipped:
-        shown = ", ".join(builder.skipped[:5]) + (" ..." if len(builder.skipped) > 5 else "")
+    skipped = getattr(builder, "skipped", [])
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         warnings.warn(
-            f"bad_images='skip': left out {len(builder.skipped)} image(s) of {builder._archive!r} that cannot be "
+            f"bad_images='skip': left out {len(skipped)} image(s) of {builder._archive!r} that cannot be "
             f"decoded: {shown}",
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def image_folder_sources(
+    archive: str,
+    *,
+    image_size: int,
+    channels: int = 3,
+    data_dir: str | None = None,
+    bad_images: str = "error",
+) -> tuple[dict[str, Any], list[str]]:
+    """``({split: random-access source}, class names)`` of a local image archive (prepared on first use)."""
+    builder = image_folder_builder(
+        archive, image_size=image_size, channels=channels, data_dir=data_dir, bad_images=bad_images
+    )
+    if not builder.is_prepared():
+        prepare(builder)
+    splits = {split: builder.as_data_source(split=split) for split in builder.info.splits.keys()}
+    return splits, builder.info.features["label"].names
 
 
 def image_folder_source(
@@ -394,13 +414,15 @@ def image_folder_source(
     data_dir: str | None = None,
     bad_images: str = "error",
 ) -> Any:
-    """Random-access source of one split of a local image archive (prepared on first use)."""
-    builder = image_folder_builder(
+    """``(random-access source, class names)`` of one split of a local image archive."""
+    splits, names = image_folder_sources(
         archive, image_size=image_size, channels=channels, data_dir=data_dir, bad_images=bad_images
     )
-    if not builder.is_prepared():
-        _prepare(builder)
-    available = list(builder.info.splits.keys())
-    if split not in available:
-        raise ValueError(f"split {split!r} is not in {archive!r}; it has {available}.")
-    return builder.as_data_source(split=split), builder.info.features["label"].names
+    if split not in splits:
+        raise ValueError(f"split {split!r} is not in {archive!r}; it has {list(splits)}.")
+    return splits[split], names
+
+
+def tfds_class_names(source: Any) -> list[str]:
+    """The label names of a ``tfds.data_source`` (from its dataset info)."""
+    return list(source.dataset_info.features["label"].names)
