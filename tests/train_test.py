@@ -129,22 +129,25 @@ def test_optimizer_config_errors(kwargs, match):
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scan", "loop"])
 def test_device_epoch_equals_the_host_loop_over_the_same_batches(scan):
-    """One device-resident epoch (8 devices; a jitted lax.scan, or the CPU loop over the jitted step)
-    equals train_step applied batch by batch on the same permutation and augmentation (atol 1e-5:
-    only XLA fusion order differs)."""
+    """One device-resident epoch (8 devices, each holding its block of the split; a jitted lax.scan,
+    or the CPU loop over the jitted step) equals train_step applied batch by batch on the same
+    per-device draws and augmentation (atol 1e-5: only XLA fusion order differs)."""
     model, tx, mesh, state, _ = setup(8)
     rng = np.random.default_rng(1)
     images = jnp.asarray(rng.standard_normal((40, 16, 16, 3)).astype(np.float32))
     labels = jnp.asarray(rng.integers(0, 10, 40).astype(np.int32))
+    blocks = device_epochs.device_blocks(40, 8, seed=0)
+    held = device_epochs.put_blocks(blocks, lambda i: (np.asarray(images)[i], np.asarray(labels)[i]), mesh)
     key = jax.random.key(3)
     epoch = device_epochs.make_device_epoch(model, tx, mesh, batch_size=16, augment=True, scan=scan)
     ref_state = jax.tree_util.tree_map(jnp.copy, state)
-    new_state, metrics = epoch(state, images, labels, key)
-    assert metrics["loss"].shape == (2,)  # 40 // 16 steps, remainder dropped
+    new_state, metrics = epoch(state, *held, key)
+    assert metrics["loss"].shape == (2,)  # 5 per device // 2 per device and step, remainder dropped
     perm_key, aug_key = jax.random.split(key)
-    blocks = device_epochs.epoch_batches(perm_key, 40, 16)
+    draws = np.asarray(device_epochs.epoch_batches(perm_key, 8, 5, 16))
     step = train.jit_train_step(model, tx, mesh)
-    for idx, k in zip(blocks, jax.random.split(aug_key, blocks.shape[0]), strict=True):
+    for row, k in zip(draws, jax.random.split(aug_key, draws.shape[0]), strict=True):
+        idx = np.concatenate([blocks[d][row[2 * d : 2 * d + 2]] for d in range(8)])
         batch = {"image": np.asarray(device_epochs.augment_on_device(k, images[idx])), "label": np.asarray(labels[idx])}
         ref_state, _ = step(ref_state, train.shard_batch(batch, mesh))
     chex.assert_trees_all_close(

@@ -52,10 +52,11 @@ _ACTIVATION_FNS = {
 def group_norm(x: Float[Array, "b h w c"], params: NormParams, num_groups: int, eps: float = 1e-5) -> jax.Array:
     """GroupNorm over (H, W, channels of a group); ``num_groups = 1`` is LayerNorm over (H, W, C).
 
-    ``y = (x - mean_g) / sqrt(var_g + eps) * scale + bias``, statistics in float32.
+    ``y = (x - mean_g) / sqrt(var_g + eps) * scale + bias``, statistics in float32 (float64 for
+    float64 inputs).
     """
     b, h, w, c = x.shape
-    xg = x.astype(jnp.float32).reshape(b, h, w, num_groups, c // num_groups)
+    xg = x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(b, h, w, num_groups, c // num_groups)
     mean = xg.mean(axis=(1, 2, 4), keepdims=True)
     var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
     y = ((xg - mean) * jax.lax.rsqrt(var + eps)).reshape(b, h, w, c)

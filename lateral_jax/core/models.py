@@ -55,8 +55,9 @@ def _collect(out: Unrolled, name: str, states: dict, residuals: dict) -> jax.Arr
 
 
 def _classify(h: jax.Array, num_classes: int, dtype: Any) -> jax.Array:
-    """Global average pool and the dense ``head``; float32 logits."""
-    return nn.Dense(num_classes, dtype=dtype, name="head")(h.mean(axis=(1, 2))).astype(jnp.float32)
+    """Global average pool and the dense ``head``; logits in float32 (float64 for a float64 model)."""
+    logits = nn.Dense(num_classes, dtype=dtype, name="head")(h.mean(axis=(1, 2)))
+    return logits.astype(jnp.promote_types(dtype, jnp.float32))
 
 
 def weighted_ei_penalty(model: Any, params: Any) -> jax.Array:
@@ -243,21 +244,55 @@ class _BasicBlock(nn.Module):
         return h + x  # the drive d of the block; the caller applies f (and lateral loops)
 
 
+class _BottleneckBlock(nn.Module):
+    """1×1 (``features``) → 3×3 (``features``, stride) → 1×1 (``4 · features``), GroupNorm after each."""
+
+    features: int
+    strides: int
+    num_groups: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        def conv(features, size, strides, name):
+            return nn.Conv(
+                features, (size, size), (strides, strides), "SAME", use_bias=False, dtype=self.dtype, name=name
+            )
+
+        def gn(name):
+            return nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name=name)
+
+        out = 4 * self.features
+        h = nn.relu(gn("norm1")(conv(self.features, 1, 1, "conv1")(x)))
+        h = nn.relu(gn("norm2")(conv(self.features, 3, self.strides, "conv2")(h)))
+        h = gn("norm3")(conv(out, 1, 1, "conv3")(h))
+        if x.shape[-1] != out or self.strides != 1:
+            x = gn("proj_norm")(conv(out, 1, self.strides, "proj")(x))
+        return h + x  # the drive d of the block
+
+
+BLOCKS = {"basic": _BasicBlock, "bottleneck": _BottleneckBlock}
+
+
 class LateralResNet(nn.Module):
-    """ResNet-18-style network with lateral recurrence after every block of ``lateral_stages``.
+    """ResNet-18/50-style network with lateral recurrence after every block of ``lateral_stages``.
 
     In a lateral stage, the block's pre-activation output ``d = GN(conv(...)) + shortcut`` is the
     drive of ``recurrence.recur``: ``a(0) = f(N_l(d))``, ``a(t) = f(N_l(d + W_lat * a(t-1)))``.
+    With ``num_steps = 0`` it is the plain (GroupNorm) ResNet.
 
     Attributes:
-      stage_sizes: blocks per stage ((2, 2, 2, 2) is ResNet-18).
-      widths: channels per stage.
+      stage_sizes: blocks per stage ((2, 2, 2, 2) with basic blocks is ResNet-18, (3, 4, 6, 3)
+        with bottleneck blocks ResNet-50).
+      widths: channels per stage (bottleneck blocks output 4× this).
+      block: ``"basic"`` (two 3×3 convolutions) or ``"bottleneck"`` (1×1, 3×3, 1×1 with 4× expansion).
       lateral_stages: indices of the stages with lateral recurrence.
       small_inputs: 3×3 stride-1 stem without max-pool (CIFAR); else 7×7/2 stem + max-pool (ImageNet).
     """
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     widths: Sequence[int] = (64, 128, 256, 512)
+    block: str = "basic"
     num_classes: int = 10
     num_steps: int = 4
     lateral: LateralConfig = LateralConfig.stable()
@@ -275,6 +310,9 @@ class LateralResNet(nn.Module):
         _check_widths(self.widths)
         if len(self.stage_sizes) != len(self.widths):
             raise ValueError(f"stage_sizes {tuple(self.stage_sizes)} and widths {tuple(self.widths)} differ in length.")
+        if self.block not in BLOCKS:
+            raise ValueError(f"block={self.block!r} must be one of {tuple(BLOCKS)}.")
+        make_block = BLOCKS[self.block]
         h = x.astype(self.dtype)
         if self.small_inputs:
             h = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False, dtype=self.dtype, name="stem")(h)
@@ -289,7 +327,7 @@ class LateralResNet(nn.Module):
         for s, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
             for b in range(blocks):
                 strides = 2 if (s > 0 and b == 0) else 1
-                drive = _BasicBlock(width, strides, self.num_groups, self.dtype, name=f"stage{s}_block{b}")(h)
+                drive = make_block(width, strides, self.num_groups, self.dtype, name=f"stage{s}_block{b}")(h)
                 if s in self.lateral_stages and self.num_steps > 0:
                     name = f"stage{s}_block{b}_lateral"
                     out = LateralRecurrence(

@@ -17,12 +17,14 @@ from typing import Any
 
 from lateral_jax.core import ei
 from lateral_jax.core.config import LateralConfig, LoopOptions
-from lateral_jax.training.data import sources
+from lateral_jax.training.data import official, sources
 from lateral_jax.training.divergence import DivergenceConfig
 from lateral_jax.training.train import OptimizerConfig
 
 SYNTHETIC = ("contour", "pathfinder")
-DATASETS = (*SYNTHETIC, *sources.REGISTERED, "image_folder")
+DATASETS = (*SYNTHETIC, *official.DATASETS, "image_folder", "tfds")
+CROPS = ("pad", "random_resized")
+BLOCKS = ("basic", "bottleneck")
 MODEL_KINDS = ("fcnn", "fcnn_matched", "lccnn", "lceicnn", "unshared", "lateral_resnet")
 
 
@@ -31,7 +33,10 @@ class DataConfig:
     """Where the examples come from.
 
     Attributes:
-      dataset: contour | pathfinder | mnist | fashion_mnist | cifar10 | image_folder.
+      dataset: contour | pathfinder (generated) | mnist | fashion_mnist | cifar10 (from the official
+        release files, :mod:`lateral_jax.training.data.official`) | image_folder (a
+        ``[<split>/]<class>/<image>`` archive or folder) | tfds (a dataset prepared by tfds as
+        array_record, named by ``tfds_name``).
       num_train, num_validation: sizes of the generated splits (synthetic tasks).
       task: spec overrides of the synthetic task (e.g. ``{"path_angle": 30.0}``).
       archive: path of the image archive/folder (``image_folder``).
@@ -39,11 +44,18 @@ class DataConfig:
       bad_images: an image of the archive that cannot be decoded stops the run naming it
         (``"error"``) or is left out with a warning giving the count and names (``"skip"``).
       validation_fraction: seeded, stratified validation split of the training split when the
-        dataset has no validation split of its own (``image_folder``; tfds datasets use ``test``).
+        dataset has no validation split of its own.  A dataset's own ``test`` split is kept apart
+        and reported at the end of the run (``test_accuracy``).
       train_subset: use only this many (stratified, seeded) training examples.
       seed: seed of the generated examples and of the splits; ``None`` uses the run's seed.
-      data_dir: tfds data folder; download: let tfds download registered datasets.
-      augment: random crop (padding 4) + horizontal flip for natural images.
+      data_dir: folder of the prepared (array_record) data; download: fetch missing release files.
+      raw_dir: folder of the official release files (default ``<data_dir>/raw/<dataset>``).
+      tfds_name: the tfds dataset of ``dataset="tfds"`` (e.g. ``imagenet2012``), prepared beforehand.
+      augment: training augmentation (random crop + horizontal flip) for natural images.
+      crop: ``"pad"``: the crop is of the image zero-padded by 4 pixels (small images);
+        ``"random_resized"``: a random area (8–100 %) and aspect ratio (3/4–4/3) of the image,
+        resized to ``crop_size`` (ImageNet-style); evaluation then takes the central ``crop_size``².
+      crop_size: side of the training crop and of the evaluation centre crop (``None``: the image's).
     """
 
     dataset: str = "contour"
@@ -58,7 +70,11 @@ class DataConfig:
     seed: int | None = None
     data_dir: str | None = None
     download: bool = True
+    raw_dir: str | None = None
+    tfds_name: str | None = None
     augment: bool = False
+    crop: str = "pad"
+    crop_size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +84,13 @@ class ModelConfig:
     Attributes:
       kind: fcnn | fcnn_matched (F-CNN widened to the LC-CNN's parameter count) | lccnn |
         lceicnn | unshared (compute-matched control) | lateral_resnet.
-      widths: channels per stage.
+      widths: channels per stage (of a bottleneck ResNet: the inner width; blocks output 4×).
+      stage_sizes: blocks per ResNet stage (``()``: 2 per stage; ``(2, 2, 2, 2)`` with ``basic``
+        blocks is ResNet-18, ``(3, 4, 6, 3)`` with ``bottleneck`` blocks ResNet-50).
+      block: basic | bottleneck (ResNet).
+      lateral_stages: the ResNet stages with lateral recurrence after each block.
+      small_inputs: ResNet stem: 3×3 stride 1 (``True``) or 7×7 stride 2 + max-pool (``False``);
+        ``None`` picks the small stem for inputs of at most 64 pixels.
       num_steps: T lateral loops (ignored for the F-CNN kinds).
       lateral: the lateral layers' :class:`LateralConfig`.
       loop: how their loops run and are differentiated, :class:`LoopOptions`.
@@ -78,6 +100,10 @@ class ModelConfig:
 
     kind: str = "lccnn"
     widths: tuple[int, ...] = (16, 32, 64)
+    stage_sizes: tuple[int, ...] = ()
+    block: str = "basic"
+    lateral_stages: tuple[int, ...] = (0, 1)
+    small_inputs: bool | None = None
     num_steps: int = 4
     lateral: LateralConfig = LateralConfig.stable()
     loop: LoopOptions = LoopOptions()
@@ -106,6 +132,7 @@ class RunConfig:
         ``loop/spectral_radius/<layer>``, the mean over this many validation images (0: off).
       divergence: when the run stops (or warns) because its loss diverged
         (:mod:`lateral_jax.training.divergence`).
+      label_smoothing: the cross-entropy's targets are ``(1 - ε) one_hot + ε / K``.
     """
 
     data: DataConfig = DataConfig()
@@ -122,6 +149,7 @@ class RunConfig:
     progress: bool = True
     spectral_images: int = 8
     divergence: DivergenceConfig = DivergenceConfig()
+    label_smoothing: float = 0.0
 
 
 def validate(config: RunConfig) -> None:
@@ -138,6 +166,26 @@ def validate(config: RunConfig) -> None:
             raise ValueError(f"archive={d.archive!r} does not exist; give the path of the image archive or folder.")
         if d.bad_images not in sources.BAD_IMAGE_POLICIES:
             raise ValueError(f"bad_images={d.bad_images!r} must be one of {sources.BAD_IMAGE_POLICIES}.")
+    if d.dataset == "tfds" and not d.tfds_name:
+        raise ValueError(
+            "dataset='tfds' needs tfds_name=<a dataset prepared by tfds as array_record, e.g. imagenet2012>."
+        )
+    if d.crop not in CROPS:
+        raise ValueError(f"crop={d.crop!r} must be one of {CROPS}.")
+    if d.crop_size is not None and d.crop_size < 1:
+        raise ValueError(f"crop_size={d.crop_size!r} must be >= 1 (or None: the stored image size).")
+    if config.device_data and d.augment and d.crop == "random_resized":
+        raise ValueError(
+            "crop='random_resized' runs in the host pipeline; use device_data=False with it (or crop='pad')."
+        )
+    if m.block not in BLOCKS:
+        raise ValueError(f"block={m.block!r} must be one of {BLOCKS}.")
+    if m.stage_sizes and len(m.stage_sizes) != len(m.widths):
+        raise ValueError(
+            f"stage_sizes={m.stage_sizes} and widths={m.widths} differ in length; give one block count per stage."
+        )
+    if not 0.0 <= config.label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={config.label_smoothing!r} must lie in [0, 1).")
     if m.ei_weight < 0:
         raise ValueError(f"ei_weight={m.ei_weight!r} must be >= 0 (λ_EI in CE + λ_EI·L_EI).")
     ei.check_mode(m.ei_mode)

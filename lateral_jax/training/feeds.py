@@ -18,8 +18,19 @@ from lateral_jax.training.data import pipeline
 from lateral_jax.training.datasets import Data
 
 
+def augmentation_of(config: RunConfig, input_shape: tuple[int, ...]):
+    """The host pipeline's training augmentation of ``config.data`` (``None`` without ``augment``)."""
+    d = config.data
+    if not d.augment:
+        return None
+    if d.crop == "random_resized":
+        return pipeline.RandomResizedCrop(size=input_shape[0])
+    return pipeline.Augmentation()
+
+
 class HostFeed:
-    """One train step per :meth:`advance`, on the next batch of a grain pipeline."""
+    """One train step per :meth:`advance`, on the next batch of a grain pipeline (each process
+    reads only the examples of its own part of every global batch)."""
 
     def __init__(self, config: RunConfig, data: Data, step_fn, mesh):
         self.steps_per_advance = 1
@@ -30,7 +41,8 @@ class HostFeed:
                 global_batch_size=config.batch_size,
                 seed=config.seed,
                 normalisation=data.normalisation,
-                augmentation=pipeline.Augmentation() if config.data.augment else None,
+                augmentation=augmentation_of(config, data.input_shape),
+                crop_size=config.data.crop_size,
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
             )
@@ -49,15 +61,28 @@ class HostFeed:
 
 
 class DeviceFeed:
-    """One epoch per :meth:`advance`, on the training split held on the device(s)."""
+    """One epoch per :meth:`advance`, on the training split held on the devices, each device its
+    1/D share (:mod:`lateral_jax.training.device_epochs`); each process decodes only its devices'
+    shares."""
 
     def __init__(self, config: RunConfig, data: Data, model: Any, tx, mesh):
         pipeline.check_batch_fits(config.batch_size, len(data.train))
-        images, labels = pipeline.to_arrays(data.train, data.normalisation)
-        self.images, self.labels = train.replicate(images, mesh), train.replicate(labels, mesh)
-        self.steps_per_advance = len(labels) // config.batch_size
+        blocks = device_epochs.device_blocks(len(data.train), mesh.size, seed=config.seed + 2000)
+        self.images, self.labels = device_epochs.put_blocks(
+            blocks,
+            lambda indices: pipeline.to_arrays(
+                data.train, data.normalisation, crop_size=config.data.crop_size, indices=indices
+            ),
+            mesh,
+        )
+        self.steps_per_advance = blocks.shape[1] // (config.batch_size // mesh.size)
         self.epoch_fn = device_epochs.make_device_epoch(
-            model, tx, mesh, batch_size=config.batch_size, augment=config.data.augment
+            model,
+            tx,
+            mesh,
+            batch_size=config.batch_size,
+            augment=config.data.augment,
+            label_smoothing=config.label_smoothing,
         )
         self.key = jax.random.key(config.seed + 1000)
         self.epoch = 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
 import math
 import signal
@@ -77,7 +76,16 @@ def build_model(config: ModelConfig, num_classes: int, input_shape: tuple[int, .
         dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32,
     )
     if config.kind == "lateral_resnet":
-        return models.LateralResNet(widths=config.widths, num_steps=config.num_steps, **common)
+        return models.LateralResNet(
+            stage_sizes=config.stage_sizes or (2,) * len(config.widths),
+            widths=config.widths,
+            block=config.block,
+            lateral_stages=config.lateral_stages,
+            small_inputs=input_shape[0] <= 64 if config.small_inputs is None else config.small_inputs,
+            num_groups=config.lateral.num_groups,
+            num_steps=config.num_steps,
+            **common,
+        )
     if config.kind == "fcnn":
         return models.LateralCNN(widths=config.widths, num_steps=0, **common)
     if config.kind == "fcnn_matched":
@@ -143,7 +151,9 @@ class _Run:
         self.model = build_model(config.model, self.data.num_classes, self.data.input_shape)
         self.steps_per_epoch = max(1, len(self.data.train) // config.batch_size)
         self.total_steps = max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
-        optimizer = dataclasses.replace(config.optimizer, total_steps=self.total_steps)
+        # the schedule counts optimiser updates: one per accumulate_steps batches
+        updates = math.ceil(self.total_steps / config.optimizer.accumulate_steps)
+        optimizer = dataclasses.replace(config.optimizer, total_steps=updates)
         self.tx = train.make_optimizer(optimizer, ei_mode=config.model.ei_mode)
         example = jnp.zeros((1, *self.data.input_shape), jnp.float32)
         self.initial = train.replicate(
@@ -152,31 +162,52 @@ class _Run:
         if config.device_data:
             self.feed = DeviceFeed(config, self.data, self.model, self.tx, self.mesh)
         else:
-            self.feed = HostFeed(config, self.data, train.jit_train_step(self.model, self.tx, self.mesh), self.mesh)
+            step_fn = train.jit_train_step(self.model, self.tx, self.mesh, label_smoothing=config.label_smoothing)
+            self.feed = HostFeed(config, self.data, step_fn, self.mesh)
         self.eval_fn = train.jit_eval_step(self.model, self.mesh)
         self.spectral_fn = jax.jit(functools.partial(dynamics.layer_spectral_radii, self.model, num_iters=12))
         self.ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
         self.writer: MetricWriter | None = None  # opened once the resume step is known
         self.divergence = DivergenceMonitor(config.divergence, self.data.num_classes)
 
-    def evaluate(self, state: train.TrainState, step: int) -> dict[str, float]:
-        batches = pipeline.eval_batches(
-            self.data.validation,
+    def batches(self, source: Any):
+        """This process's part of every evaluation batch of ``source``."""
+        return pipeline.eval_batches(
+            source,
             global_batch_size=self.config.batch_size,
             normalisation=self.data.normalisation,
+            crop_size=self.config.data.crop_size,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        first = next(batches, None)
-        if first is not None:
-            batches = itertools.chain([first], batches)
-        result = train.evaluate(self.eval_fn, state.params, batches, self.mesh)
-        values = {"accuracy": result["accuracy"], "loss": result["loss"], **train.ei_metrics(state.params)}
+
+    def accuracy(self, state: train.TrainState, source: Any) -> dict[str, float]:
+        """Accuracy and loss over ``source`` (every process's part summed), with the weight EMA's
+        as ``ema_accuracy`` / ``ema_loss`` when the optimiser keeps one."""
+        result = train.evaluate(self.eval_fn, state.params, self.batches(source), self.mesh)
+        values = {"accuracy": result["accuracy"], "loss": result["loss"]}
+        ema = train.ema_params(state.opt_state)
+        if ema is not None:
+            result = train.evaluate(self.eval_fn, ema, self.batches(source), self.mesh)
+            values.update(ema_accuracy=result["accuracy"], ema_loss=result["loss"])
+        return values
+
+    def evaluate(self, state: train.TrainState, step: int) -> dict[str, float]:
+        values = {**self.accuracy(state, self.data.validation), **train.ei_metrics(state.params)}
+        first = next(self.batches(self.data.validation), None)
         if first is not None and self.config.spectral_images > 0:
             real = first["image"][first["label"] >= 0][: self.config.spectral_images]
             values.update(self.spectral_metrics(state.params, real))
         self.writer.write(step, "eval", values)
         self.observe_loss(step, values["loss"])
+        return values
+
+    def test(self, state: train.TrainState, step: int) -> dict[str, float]:
+        """The dataset's own test split, once at the end (``{}`` when it has none)."""
+        if self.data.test is None:
+            return {}
+        values = self.accuracy(state, self.data.test)
+        self.writer.write(step, "test", values)
         return values
 
     def spectral_metrics(self, params: Any, images) -> dict[str, float]:
@@ -311,6 +342,7 @@ def _train_in(config: RunConfig, folder: RunFolder) -> dict[str, Any]:
         state, last_eval, last_train, preempted = r.train(state, start)
         if not (last_eval or preempted):  # resumed after the final step: evaluate the restored state
             last_eval = r.evaluate(state, int(state.step))
+        last_test = {} if preempted else r.test(state, int(state.step))
     finally:
         r.ckpt.close()
         if r.writer is not None:
@@ -328,8 +360,11 @@ def _train_in(config: RunConfig, folder: RunFolder) -> dict[str, Any]:
         "widths": list(getattr(r.model, "widths", config.model.widths)),
         "train_examples": len(r.data.train),
         "validation_examples": len(r.data.validation),
+        "test_examples": 0 if r.data.test is None else len(r.data.test),
         "validation_accuracy": last_eval["accuracy"],
         "validation_loss": last_eval["loss"],
+        **{f"test_{k}": v for k, v in last_test.items()},
+        **{f"validation_{k}": v for k, v in last_eval.items() if k.startswith("ema_")},
         "train": last_train,
         "ei": {k: v for k, v in last_eval.items() if k.startswith("ei/")},
         "device": jax.devices()[0].device_kind,

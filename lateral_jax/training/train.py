@@ -45,6 +45,43 @@ class TrainState(NamedTuple):
     nonfinite_step: jax.Array  # -1 while every loss so far was finite
 
 
+class WeightEMAState(NamedTuple):
+    """The exponential moving average of the parameters after each applied update."""
+
+    ema: Any
+
+
+def weight_ema(decay: float) -> optax.GradientTransformation:
+    """Keeps ``ema ← decay · ema + (1 - decay) · (params + updates)`` in its state; the updates
+    pass unchanged.  Last in an optax chain, it averages the weights the optimiser produces; inside
+    ``optax.apply_if_finite`` a skipped update leaves it unchanged, inside ``optax.MultiSteps`` it
+    moves once per applied (accumulated) update.  :func:`ema_params` reads it back."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"ema_decay={decay!r} must lie in [0, 1).")
+
+    def init(params):
+        return WeightEMAState(jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("weight_ema needs the parameters: call tx.update(grads, state, params).")
+        new = optax.apply_updates(params, updates)
+        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, new)
+        return updates, WeightEMAState(ema)
+
+    return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state: Any) -> Any | None:
+    """The weight EMA held in an optimiser state from :func:`make_optimizer` (``None`` without one)."""
+    found = [
+        leaf.ema
+        for leaf in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, WeightEMAState))
+        if isinstance(leaf, WeightEMAState)
+    ]
+    return found[0] if found else None
+
+
 class NonFiniteLossError(FloatingPointError):
     """Raised by the host loop when the loss or a gradient became NaN/Inf at optimiser step ``step``."""
 
@@ -55,7 +92,16 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """Optimiser and schedule (``name``: sgd | momentum | adam | adamw; ``schedule``: constant | cosine)."""
+    """Optimiser and schedule.
+
+    Attributes:
+      name: sgd | momentum | adam | adamw | lars (layer-wise adaptive rate scaling with momentum,
+        for large batches; weight decay and trust ratio skip biases and norm scales).
+      schedule: constant | cosine (with ``warmup_steps`` of linear warm-up from 0), in optimiser updates.
+      accumulate_steps: gradients of this many consecutive batches are averaged into one update
+        (``optax.MultiSteps``); schedule steps count updates, not batches.
+      ema_decay: keep an exponential moving average of the weights (:func:`weight_ema`); ``None``: off.
+    """
 
     name: str = "momentum"
     learning_rate: float = 0.05
@@ -65,10 +111,18 @@ class OptimizerConfig:
     warmup_steps: int = 0
     total_steps: int = 1000
     grad_clip_norm: float | None = 1.0
+    accumulate_steps: int = 1
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in ("sgd", "momentum", "adam", "adamw"):
-            raise ValueError(f"optimizer name={self.name!r} is not supported; choose sgd, momentum, adam or adamw.")
+        if self.name not in ("sgd", "momentum", "adam", "adamw", "lars"):
+            raise ValueError(
+                f"optimizer name={self.name!r} is not supported; choose sgd, momentum, adam, adamw or lars."
+            )
+        if self.accumulate_steps < 1:
+            raise ValueError(f"accumulate_steps={self.accumulate_steps!r} must be >= 1 (1: no accumulation).")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay!r} must lie in [0, 1) (or None: no weight EMA).")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule={self.schedule!r} is not supported; choose 'constant' or 'cosine'.")
         if self.learning_rate <= 0:
@@ -87,8 +141,9 @@ MAX_NONFINITE_UPDATES = 1_000_000
 def make_optimizer(
     config: OptimizerConfig, *, ei_mode: str = "none", excitatory_fraction: float | None = None
 ) -> optax.GradientTransformation:
-    """Clip → optimiser with schedule (→ the Dale projection when ``ei_mode == "project"``), the
-    whole chain under ``optax.apply_if_finite`` (a non-finite update is skipped)."""
+    """Clip → optimiser with schedule (→ the Dale projection when ``ei_mode == "project"``) (→ the
+    weight EMA), the whole chain under ``optax.apply_if_finite`` (a non-finite update is skipped),
+    inside ``optax.MultiSteps`` when gradients are accumulated over ``accumulate_steps`` batches."""
     if config.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(
             0.0 if config.warmup_steps else config.learning_rate,
@@ -103,12 +158,27 @@ def make_optimizer(
         "momentum": lambda: optax.chain(optax.add_decayed_weights(config.weight_decay), optax.sgd(lr, config.momentum)),
         "adam": lambda: optax.adam(lr),
         "adamw": lambda: optax.adamw(lr, weight_decay=config.weight_decay),
+        "lars": lambda: optax.lars(
+            lr,
+            weight_decay=config.weight_decay,
+            weight_decay_mask=_matrix_mask,
+            trust_ratio_mask=_matrix_mask,
+            momentum=config.momentum,
+        ),
     }[config.name]()
     parts = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
     parts.append(base)
     if ei_mode == "project":
         parts.append(ei.project_dale(excitatory_fraction=excitatory_fraction))
-    return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=MAX_NONFINITE_UPDATES)
+    if config.ema_decay is not None:
+        parts.append(weight_ema(config.ema_decay))
+    tx = optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=MAX_NONFINITE_UPDATES)
+    return tx if config.accumulate_steps == 1 else optax.MultiSteps(tx, every_k_schedule=config.accumulate_steps)
+
+
+def _matrix_mask(params: Any) -> Any:
+    """True for kernels (ndim ≥ 2), False for biases and norm scales (LARS leaves those alone)."""
+    return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,10 +191,20 @@ def init_state(model: Any, tx: optax.GradientTransformation, key: jax.Array, exa
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.full((), -1, jnp.int32))
 
 
-def loss_and_metrics(model: Any, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example cross-entropy against ``(1 - ε) one_hot(labels) + ε / K`` (``ε = label_smoothing``)."""
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def loss_and_metrics(
+    model: Any, params: Any, batch: Batch, *, label_smoothing: float = 0.0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``CE + λ_EI · L_EI`` and the per-batch metrics (loss parts, accuracy, final-loop change)."""
     out = model.apply({"params": params}, batch["image"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["label"]).mean()
+    ce = cross_entropy(out.logits, batch["label"], label_smoothing).mean()
     penalty = model.ei_penalty(params)
     metrics = {
         "ce": ce,
@@ -150,6 +230,7 @@ def train_step(
     model: Any,
     tx: optax.GradientTransformation,
     axis_name: str | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step; records the first step whose loss or gradient is not finite.
 
@@ -167,7 +248,9 @@ def train_step(
     values (a ratio of norms over each shard), not the ratio over the whole batch.
     """
     params = state.params if axis_name is None else jax.lax.pcast(state.params, axis_name, to="varying")
-    (loss, metrics), grads = jax.value_and_grad(lambda p: loss_and_metrics(model, p, batch), has_aux=True)(params)
+    (loss, metrics), grads = jax.value_and_grad(
+        lambda p: loss_and_metrics(model, p, batch, label_smoothing=label_smoothing), has_aux=True
+    )(params)
     if axis_name is not None:
         loss, grads = jax.lax.pmean((loss, grads), axis_name)
         metrics = _reduce_metrics(metrics, axis_name)
@@ -240,13 +323,15 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     )
 
 
-def jit_train_step(model: Any, tx: optax.GradientTransformation, mesh: Mesh) -> Callable:
+def jit_train_step(
+    model: Any, tx: optax.GradientTransformation, mesh: Mesh, *, label_smoothing: float = 0.0
+) -> Callable:
     """``train_step`` jitted over ``mesh``: state replicated and donated, batch sharded."""
     rep, data = replicated(mesh), batch_sharding(mesh)
 
     @functools.partial(in_mesh, mesh=mesh)
     def step(state, batch):
-        return train_step(state, batch, model=model, tx=tx)
+        return train_step(state, batch, model=model, tx=tx, label_smoothing=label_smoothing)
 
     return jax.jit(step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
 
@@ -285,7 +370,10 @@ __all__ = [
     "NonFiniteLossError",
     "OptimizerConfig",
     "TrainState",
+    "WeightEMAState",
     "batch_sharding",
+    "cross_entropy",
+    "ema_params",
     "check_batch_size",
     "ei_metrics",
     "eval_step",
@@ -301,4 +389,5 @@ __all__ = [
     "replicated",
     "shard_batch",
     "train_step",
+    "weight_ema",
 ]
