@@ -2,6 +2,7 @@
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
       python -m experiments.scale_plan --out results/scale_plan.jsonl [--per-device 32,128] [--models ...]
+  python -m experiments.scale_plan --out results/scale_plan.jsonl --table
 
 For each model (ResNet-18 / ResNet-50 of ``experiments/configs/imagenet.py``, T = 0 and T = 2) and
 per-device batch, the data-parallel train step is compiled for 224² bfloat16 inputs over the 8
@@ -95,13 +96,43 @@ def plan_row(name: str, per_device: int) -> dict:
     }
 
 
+IMAGENET_TRAIN = 1_281_167
+
+
+def table(rows: list[dict], *, epochs: int = 90, hours: tuple[float, ...] = (24.0, 8.0)) -> str:
+    """The markdown table of docs/scaling.md: measured columns, then what a run of ``epochs`` epochs
+    in each of ``hours`` would need (images/s over the whole job, and the sustained PFLOP/s)."""
+    head = ["model", "params (M)", "forward GFLOP/img", "train GFLOP/img", "per-device batch", "per-device MiB"]
+    head += [f"{epochs} ep in {h:g} h: img/s, PFLOP/s" for h in hours]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        resident = r["argument_mib"] + r["temp_mib"] + r["output_mib"] - r["alias_mib"]
+        cells = [
+            r["model"],
+            f"{r['params'] / 1e6:.1f}",
+            f"{r['forward_gflop_per_image']:.2f}",
+            f"{r['train_gflop_per_image']:.2f}",
+            str(r["per_device_batch"]),
+            f"{resident:,.0f}",
+        ]
+        for h in hours:
+            rate = IMAGENET_TRAIN * epochs / (h * 3600)
+            cells.append(f"{rate:,.0f}, {rate * r['train_gflop_per_image'] / 1e6:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/scale_plan.jsonl")
     parser.add_argument("--per-device", default="32,128", help="per-device batch sizes, comma-separated")
     parser.add_argument("--models", default=",".join(MODELS), help=f"of {', '.join(MODELS)}")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if args.table:
+        print(table([json.loads(line) for line in out.read_text().splitlines()]))
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
         for per_device in (int(b) for b in args.per_device.split(",")):

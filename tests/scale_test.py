@@ -221,15 +221,16 @@ def test_launchers_start_the_documented_command_on_every_host(tmp_path):
 
     from experiments import launch, main
 
+    (tmp_path / "d").mkdir()
     args = [
         "--config",
         "experiments/configs/imagenet.py:smoke",
         "--workdir",
         "/shared/runs/x",
-        "--config.data.archive=/d",
+        f"--config.data.archive={tmp_path / 'd'}",
     ]
     install, start = launch.tpu_commands("v5e-64", "us-west4-a", args, project="p", extra="tpu,data", checkout="~/lj")
-    assert "--worker=all" in install and "pip install -q -e '.[tpu,data]'" in install
+    assert "--worker=all" in shlex.split(install) and "pip install -q -e '.[tpu,data]'" in shlex.split(install)[-1]
     assert start.endswith(shlex.quote("--command=cd ~/lj && " + launch.main_command(args)))
     script_path = tmp_path / "job.sbatch"
     assert (
@@ -245,5 +246,5 @@ def test_launchers_start_the_documented_command_on_every_host(tmp_path):
     assert main_argv[:4] == [".venv/bin/python", "-m", "experiments.main", "--distributed"]
     plan = main.parse(["main", *[a for a in main_argv[3:] if a != "--distributed"]])
     assert plan.workdir.as_posix() == "/shared/runs/x"
-    assert plan.run_configs["lateral_resnet_T2"].data.archive == "/d"
+    assert plan.run_configs["lateral_resnet_T2"].data.archive == str(tmp_path / "d")
     assert plan.run_configs["lateral_resnet_T2"].model.kind == "lateral_resnet"

@@ -118,8 +118,8 @@ def natural_image_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigD
     return c
 
 
-def tfds_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
-    """MNIST-like tfds datasets (28×28×1): two stages 32/64, Adam 1e-3, 10 epochs."""
+def idx_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
+    """The MNIST-like datasets (28×28×1, official IDX files): two stages 32/64, Adam 1e-3, 10 epochs."""
     check_variant(variant)
     c = get_base_config()
     c.data.dataset = dataset
