@@ -221,22 +221,27 @@ def param_matched_widths(
 # --------------------------------------------------------------------------------------------
 
 
-class _BasicBlock(nn.Module):
+class _Block(nn.Module):
+    """What the ResNet blocks share: their fields, bias-free SAME convolutions and GroupNorms."""
+
     features: int
     strides: int
     num_groups: int
     dtype: Any
 
+    def conv(self, features: int, size: int, strides: int, name: str) -> nn.Conv:
+        return nn.Conv(features, (size, size), (strides, strides), "SAME", use_bias=False, dtype=self.dtype, name=name)
+
+    def norm(self, name: str) -> nn.GroupNorm:
+        return nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name=name)
+
+
+class _BasicBlock(_Block):
+    """3×3 (stride) → 3×3, GroupNorm after each; a 1×1 projection shortcut where the shape changes."""
+
     @nn.compact
     def __call__(self, x):
-        def conv(features, size, strides, name):
-            return nn.Conv(
-                features, (size, size), (strides, strides), "SAME", use_bias=False, dtype=self.dtype, name=name
-            )
-
-        def gn(name):
-            return nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name=name)
-
+        conv, gn = self.conv, self.norm
         h = nn.relu(gn("norm1")(conv(self.features, 3, self.strides, "conv1")(x)))
         h = gn("norm2")(conv(self.features, 3, 1, "conv2")(h))
         if x.shape[-1] != self.features or self.strides != 1:
@@ -244,24 +249,12 @@ class _BasicBlock(nn.Module):
         return h + x  # the drive d of the block; the caller applies f (and lateral loops)
 
 
-class _BottleneckBlock(nn.Module):
+class _BottleneckBlock(_Block):
     """1×1 (``features``) → 3×3 (``features``, stride) → 1×1 (``4 · features``), GroupNorm after each."""
-
-    features: int
-    strides: int
-    num_groups: int
-    dtype: Any
 
     @nn.compact
     def __call__(self, x):
-        def conv(features, size, strides, name):
-            return nn.Conv(
-                features, (size, size), (strides, strides), "SAME", use_bias=False, dtype=self.dtype, name=name
-            )
-
-        def gn(name):
-            return nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name=name)
-
+        conv, gn = self.conv, self.norm
         out = 4 * self.features
         h = nn.relu(gn("norm1")(conv(self.features, 1, 1, "conv1")(x)))
         h = nn.relu(gn("norm2")(conv(self.features, 3, self.strides, "conv2")(h)))
