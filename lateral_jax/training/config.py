@@ -54,7 +54,7 @@ class DataConfig:
       augment: training augmentation (random crop + horizontal flip) for natural images.
       crop: ``"pad"``: the crop is of the image zero-padded by 4 pixels (small images);
         ``"random_resized"``: a random area (8–100 %) and aspect ratio (3/4–4/3) of the image,
-        resized to ``crop_size`` (ImageNet-style); evaluation then takes the central ``crop_size``².
+        resized to ``crop_size`` (ImageNet-style); evaluation then takes the central ``crop_size`` × ``crop_size``.
       crop_size: side of the training crop and of the evaluation centre crop (``None``: the image's).
     """
 

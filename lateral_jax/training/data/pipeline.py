@@ -70,7 +70,7 @@ class Augmentation:
 @dataclasses.dataclass(frozen=True)
 class RandomResizedCrop:
     """A random part of the image — area ``scale`` (a fraction of the image's), aspect ratio
-    ``ratio`` (log-uniform) — resized to ``size``² (bilinear), then a horizontal flip with
+    ``ratio`` (log-uniform) — resized to ``size`` × ``size`` (bilinear), then a horizontal flip with
     probability 1/2: the ImageNet training augmentation.  After 10 draws that do not fit, the
     central square is taken."""
 
@@ -101,7 +101,7 @@ class RandomResizedCrop:
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """``image`` [H, W, C] (float32) resized to ``size``² by bilinear interpolation (half-pixel centres)."""
+    """``image`` [H, W, C] (float32) resized to ``size`` × ``size`` by bilinear interpolation (half-pixel centres)."""
     h, w = image.shape[:2]
     if (h, w) == (size, size):
         return image
@@ -117,7 +117,7 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """The central ``size``² of ``image`` (the evaluation view of a ``RandomResizedCrop`` model)."""
+    """The central ``size`` × ``size`` of ``image`` (the evaluation view of a ``RandomResizedCrop`` model)."""
     h, w = image.shape[:2]
     if size > min(h, w):
         raise ValueError(f"crop_size={size} exceeds the {h}×{w} images; use a crop_size of at most {min(h, w)}.")
@@ -126,7 +126,7 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def _decode(normalisation: Normalisation, crop_size: int | None = None):
-    """Example → ``{"image": normalised f32[H, W, C], "label": i32}`` (the central ``crop_size``² if given)."""
+    """Example → ``{"image": normalised f32[H, W, C], "label": i32}``, centre-cropped to ``crop_size`` if given."""
 
     def decode(example: dict[str, Any]) -> dict[str, np.ndarray]:
         image = np.asarray(example["image"])
