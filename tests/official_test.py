@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lateral_jax.training.data import official
+from lateral_jax.training.data import official, releases
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is not the published:UserWarning")
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +163,7 @@ def test_offline_without_the_files_says_what_to_put_where(tmp_path):
     assert "train-images-idx3-ubyte.gz from https://storage.googleapis.com/cvdf-datasets/mnist/" in message
     assert "--config.data.raw_dir" in message
     with pytest.raises(FileNotFoundError, match="cifar-10-binary.tar.gz from .* \\(or any one of cifar-10-binary"):
-        official.ensure_release("cifar10", tmp_path, download=False)
+        releases.ensure_release("cifar10", tmp_path, download=False)
 
 
 def test_download_keeps_only_files_with_the_published_checksum(tmp_path, monkeypatch):
@@ -172,16 +172,16 @@ def test_download_keeps_only_files_with_the_published_checksum(tmp_path, monkeyp
     written = write_idx_release(served)
     files = []
     for path in sorted(served.iterdir()):
-        files.append(official.ReleaseFile(path.name, path.as_uri(), path.stat().st_size, official.sha256_of(path)))
-    monkeypatch.setitem(official.RELEASES, "mnist", tuple(files))
+        files.append(releases.ReleaseFile(path.name, path.as_uri(), path.stat().st_size, releases.sha256_of(path)))
+    monkeypatch.setitem(releases.RELEASES, "mnist", tuple(files))
     splits, _ = official.official_sources(
         "mnist", raw_dir=str(tmp_path / "raw"), data_dir=str(tmp_path / "data"), online=lambda h: True
     )
     np.testing.assert_array_equal(as_arrays(splits["test"])[1], written["test"][1])
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(f.name for f in files)
     tampered = dataclasses.replace(files[0], sha256="0" * 64)
-    with pytest.raises(official.CorruptFileError, match=r"SHA-256 .* the release is .* It was not kept"):
-        official.fetch(tampered, tmp_path / "again")
+    with pytest.raises(releases.CorruptFileError, match=r"SHA-256 .* the release is .* It was not kept"):
+        releases.fetch(tampered, tmp_path / "again")
     assert list((tmp_path / "again").iterdir()) == []
 
 

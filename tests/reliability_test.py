@@ -210,7 +210,8 @@ def test_bad_command_lines_exit_2_with_one_line_naming_the_fix():
         (["--config=nofile.py"], "--config='nofile.py': no such config file"),
         (
             ["--config.optimizer.lr=3"],
-            "config.optimizer has no field 'lr'; its fields are grad_clip_norm, learning_rate",
+            "config.optimizer has no field 'lr'; its fields are accumulate_steps, ema_decay, grad_clip_norm, "
+            "learning_rate",
         ),
         (["--config.nonexistent.x=1"], "config has no field 'nonexistent'; its fields are batch_size"),
         (["--config.model.widths.x=1"], "config.model.widths is a value, not a group"),

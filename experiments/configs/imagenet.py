@@ -11,7 +11,7 @@ cosine decay, weight decay 1e-4, label smoothing 0.1, bfloat16 compute, 90 epoch
 
 Commands (docs/scaling.md has the pod and cluster recipes and the memory table):
   python -m experiments.main --config experiments/configs/imagenet.py --workdir runs/imagenet \\
-      --config.data.archive=/data/ILSVRC2012 --distributed                # every host of a slice
+      --config.data.archive=/path/to/ILSVRC2012 --distributed                # every host of a slice
   --config experiments/configs/imagenet.py:resnet50                       # ResNet-50 (bottleneck)
   --config.optimizer.name=lars --config.batch_size=16384 --config.optimizer.learning_rate=12.8
                                                                           # LARS for large batches
