@@ -41,6 +41,8 @@ from lateral_jax.training.data import sources
 from lateral_jax.training.rundir import ON_CONFIG_CHANGE
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "contour.py")
+# Model kinds the neurophysiology analysis (lateral_jax.neuro.probe) measures: the LateralCNN family.
+PROBED_KINDS = ("fcnn", "fcnn_matched", "lccnn", "lceicnn", "unshared")
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str] | None = None) -> None:
@@ -164,6 +166,11 @@ def parse(argv: list[str]) -> Plan:
 # ---------------------------------------------------------------------------------------------
 
 
+def analysed_variants(the_plan: Plan) -> list[str]:
+    """The variants the neurophysiology analysis measures (:data:`PROBED_KINDS`; not the ResNets)."""
+    return [v for v, c in the_plan.run_configs.items() if c.model.kind in PROBED_KINDS]
+
+
 def _refuse(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(run.EXIT_REFUSED)
@@ -220,10 +227,14 @@ def main(argv):
         sys.exit(run.EXIT_DIVERGED)
     if not finished:
         sys.exit(run.EXIT_PREEMPTED)
-    if jax.process_index() == 0 and fv.analyze:
+    probed = analysed_variants(the_plan)
+    if jax.process_index() == 0 and fv.analyze and len(probed) < len(variants):
+        left_out = ", ".join(v for v in variants if v not in probed)
+        print(f"analysis: the neurophysiology probe measures the small CNNs only; left out {left_out}", flush=True)
+    if jax.process_index() == 0 and fv.analyze and probed:
         from experiments import analyze
 
-        analyze.main([str(the_plan.workdir / v) for v in variants] + ["--out", str(the_plan.workdir / "analysis")])
+        analyze.main([str(the_plan.workdir / v) for v in probed] + ["--out", str(the_plan.workdir / "analysis")])
     if jax.process_index() == 0 and not fv.no_report:
         from experiments import report  # matplotlib: only when a report is written
 

@@ -54,14 +54,15 @@ def write_report(workdir: str | Path, variants: list[str], *, title: str = "") -
     for variant in variants:
         final_path = workdir / variant / "final.json"
         if not final_path.exists():
-            rows.append(f"| {variant} | not finished | | | | | |")
+            rows.append(f"| {variant} | not finished | | | | | | |")
             continue
         f = json.loads(final_path.read_text())
         tr, e = f.get("train", {}), f.get("ei", {})
         fmt = lambda v, spec=".3f": "–" if v is None else format(v, spec)  # noqa: E731
         rows.append(
             f"| {variant} | {f['num_params']:,} | {f['steps']} | **{f['validation_accuracy']:.4f}** | "
-            f"{fmt(tr.get('final_loop_change'), '.4f')} | {fmt(e.get('ei/purity_mean'))} | "
+            f"{fmt(f.get('test_accuracy'), '.4f')} | {fmt(tr.get('final_loop_change'), '.4f')} | "
+            f"{fmt(e.get('ei/purity_mean'))} | "
             f"{fmt(e.get('ei/fraction_excitatory'))} | {fmt(tr.get('images_per_s'), '.0f')} |"
         )
     finished = {
@@ -73,9 +74,9 @@ def write_report(workdir: str | Path, variants: list[str], *, title: str = "") -
     lines = [
         f"# Report: {title or workdir.name}",
         "",
-        "| model | parameters | steps | validation accuracy | final-loop change ‖a(T)−a(T−1)‖/‖a(T)‖ "
-        "| E/I purity | fraction E | train images/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | parameters | steps | validation accuracy | test accuracy "
+        "| final-loop change ‖a(T)−a(T−1)‖/‖a(T)‖ | E/I purity | fraction E | train images/s |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]

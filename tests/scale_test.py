@@ -58,6 +58,13 @@ def test_imagenet_smoke_trains_a_lateral_resnet_on_the_ilsvrc_layout(tmp_path):
     assert any("loop/spectral_radius/stage0_block0_lateral" in e for e in evals)
 
 
+def random_like(tree, seed: int, scale: float = 1.0):
+    """float64 normal(0, scale²) arrays of the shapes of ``tree``'s leaves (NumPy's generator: drawing
+    each shape with jax.random would compile once per shape)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(scale * rng.standard_normal(x.shape)), tree)
+
+
 @pytest.mark.parametrize("block", ["basic", "bottleneck"])
 def test_lateral_resnet_gradient_equals_central_differences(block):
     """float64: the gradient's inner product with a random direction of all parameters equals the
@@ -76,10 +83,10 @@ def test_lateral_resnet_gradient_equals_central_differences(block):
             small_inputs=True,
             dtype=jnp.float64,
         )
-        x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3), jnp.float64)
-        params = jax.tree_util.tree_map(
-            lambda p: p.astype(jnp.float64), model.init(jax.random.key(0), x.astype(jnp.float32))["params"]
-        )
+        x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 8, 3)))
+        # any smooth point will do for a gradient check: random parameters of init's shapes (tracing
+        # init with eval_shape skips compiling each initialiser eagerly)
+        params = random_like(jax.eval_shape(model.init, jax.random.key(0), x)["params"], 3, 0.3)
         labels = jnp.array([0, 2])
 
         @jax.jit
@@ -87,11 +94,7 @@ def test_lateral_resnet_gradient_equals_central_differences(block):
             logits = model.apply({"params": p}, x).logits
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-        leaves, treedef = jax.tree_util.tree_flatten(params)
-        keys = jax.random.split(jax.random.key(2), len(leaves))
-        direction = treedef.unflatten(
-            [jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves, strict=True)]
-        )
+        direction = random_like(params, 2)
         grad = jax.jit(jax.grad(loss))(params)
         inner = sum(
             jnp.vdot(g, d)
@@ -250,3 +253,5 @@ def test_launchers_start_the_documented_command_on_every_host(tmp_path):
     assert plan.workdir.as_posix() == "/shared/runs/x"
     assert plan.run_configs["lateral_resnet_T2"].data.archive == str(tmp_path / "d")
     assert plan.run_configs["lateral_resnet_T2"].model.kind == "lateral_resnet"
+    assert main.analysed_variants(plan) == []  # the probe measures the small CNNs, not the ResNets
+    assert main.analysed_variants(main.parse(["main"])) == ["fcnn", "lccnn", "lceicnn"]
