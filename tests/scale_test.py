@@ -255,3 +255,21 @@ def test_launchers_start_the_documented_command_on_every_host(tmp_path):
     assert plan.run_configs["lateral_resnet_T2"].model.kind == "lateral_resnet"
     assert main.analysed_variants(plan) == []  # the probe measures the small CNNs, not the ResNets
     assert main.analysed_variants(main.parse(["main"])) == ["fcnn", "lccnn", "lceicnn"]
+
+
+def test_a_tfds_prepared_imagenet_is_read_at_the_configured_size():
+    """``dataset="tfds"`` (here tfds's mock imagenet2012, whose images differ in size): its own
+    train/validation splits, its 1000 class names, images resized to ``image_size`` as read."""
+    import tensorflow_datasets as tfds
+
+    from lateral_jax.training.config import DataConfig
+    from lateral_jax.training.datasets import build_data
+
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        config = DataConfig(dataset="tfds", tfds_name="imagenet2012", download=False, image_size=20, crop_size=16)
+        data = build_data(config, seed=0)
+        assert (len(data.train), len(data.validation), data.num_classes) == (12, 12, 1000)
+        assert data.input_shape == (16, 16, 3) and data.test is None
+        assert data.train[3]["image"].shape == (20, 20, 3) and data.train[3]["image"].dtype == np.uint8
+        batch = next(pipeline.eval_batches(data.validation, global_batch_size=8, crop_size=16))
+    assert batch["image"].shape == (8, 16, 16, 3) and (batch["label"] >= 0).all()

@@ -31,6 +31,29 @@ class Data:
     test: Any | None = None
 
 
+class Resized:
+    """``source`` with each image resized to ``size`` × ``size`` (bilinear; as the image-folder
+    builder stores images), for sources whose images differ in size (tfds's ``imagenet2012``)."""
+
+    def __init__(self, source: Any, size: int):
+        self.source, self.size = source, int(size)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from PIL import Image
+
+        example = dict(self.source[index])
+        image = np.asarray(example["image"])
+        if image.shape[:2] != (self.size, self.size):
+            squeezed = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+            resized = np.asarray(Image.fromarray(squeezed).resize((self.size, self.size), Image.BILINEAR))
+            image = resized.reshape(self.size, self.size, *image.shape[2:])
+        example["image"] = image
+        return example
+
+
 def _subset(source: Any, size: int | None, seed: int) -> Any:
     if size is None or size >= len(source):
         return source
@@ -63,12 +86,14 @@ def build_data(config: DataConfig, seed: int) -> Data:
         if "train" not in splits:
             raise ValueError(f"archive={config.archive!r} has no training images; it has the splits {list(splits)}.")
         full, own_validation, test = splits["train"], splits.get("validation"), splits.get("test")
-    elif config.dataset == "tfds":
-        full = sources.tfds_source(config.tfds_name, "train", data_dir=config.data_dir, download=config.download)
-        own_validation = sources.tfds_source(
-            config.tfds_name, "validation", data_dir=config.data_dir, download=config.download
-        )
-        names = sources.tfds_class_names(full)
+    elif config.dataset == "tfds":  # images of any size, resized to image_size as they are read
+
+        def split_of(name: str) -> Any:
+            source = sources.tfds_source(config.tfds_name, name, data_dir=config.data_dir, download=config.download)
+            return Resized(source, config.image_size)
+
+        full, own_validation = split_of("train"), split_of("validation")
+        names = sources.tfds_class_names(full.source)
     else:
         kwargs = dict(raw_dir=config.raw_dir, data_dir=config.data_dir, download=config.download)
         splits, names = official.official_sources(config.dataset, **kwargs)
