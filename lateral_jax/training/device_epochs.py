@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from lateral_jax.core.sharding import DATA_AXIS, in_mesh
-from lateral_jax.training.train import batch_sharding, eval_step, replicated, train_step
+from lateral_jax.training.train import batch_sharding, check_batch_size, eval_step, replicated, train_step
 
 
 def augment_on_device(key: jax.Array, images: jax.Array, *, crop_padding: int = 4, flip: bool = True) -> jax.Array:
@@ -116,8 +116,7 @@ def make_device_epoch(
     """
     data = batch_sharding(mesh)
     rep = replicated(mesh)
-    if batch_size % mesh.size:
-        raise ValueError(f"batch_size={batch_size} does not split over the {mesh.size} devices; use a multiple.")
+    check_batch_size(batch_size, mesh)
     gather = jax.shard_map(
         lambda im, lb, idx: (im[idx], lb[idx]),
         mesh=mesh,

@@ -194,10 +194,16 @@ class _Run:
 
     def evaluate(self, state: train.TrainState, step: int) -> dict[str, float]:
         values = {**self.accuracy(state, self.data.validation), **train.ei_metrics(state.params)}
-        first = next(self.batches(self.data.validation), None)
-        if first is not None and self.config.spectral_images > 0:
-            real = first["image"][first["label"] >= 0][: self.config.spectral_images]
-            values.update(self.spectral_metrics(state.params, real))
+        if self.config.spectral_images > 0:
+            # the first spectral_images examples of this process's first evaluation batch, decoded alone
+            count, local = jax.process_count(), self.config.batch_size // jax.process_count()
+            first = range(jax.process_index(), min(len(self.data.validation), local * count), count)
+            indices = list(first)[: self.config.spectral_images]
+            if indices:
+                images, _ = pipeline.to_arrays(
+                    self.data.validation, self.data.normalisation, crop_size=self.config.data.crop_size, indices=indices
+                )
+                values.update(self.spectral_metrics(state.params, images))
         self.writer.write(step, "eval", values)
         self.observe_loss(step, values["loss"])
         return values
