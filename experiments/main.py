@@ -77,11 +77,17 @@ class UsageError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What a command line trains: one resolved ``RunConfig`` per variant, and where."""
+    """What a command line trains: one resolved ``RunConfig`` per run, and where.
+
+    ``run_configs`` is keyed by run name, the run's folder under ``workdir``: the variant's name
+    when the config has one seed, ``<variant>_seed<N>`` for each of its ``seeds`` otherwise.
+    ``variants`` maps each variant to its runs' names, in seed order.
+    """
 
     dataset: str
     workdir: Path
     run_configs: dict[str, RunConfig]
+    variants: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,13 +151,25 @@ def plan(fv: flags.FlagValues) -> Plan:
     config = fv.config
     set_on_command_line = frozenset(config_flags.get_override_values(fv["config"]))
     variants = fv.only or list(config.models)
+    seeds = tuple(config.get("seeds", None) or (config.seed,))
+    if len(set(seeds)) != len(seeds) or not all(isinstance(s, int) for s in seeds):
+        raise UsageError(f"--config.seeds={seeds}: give distinct integer seeds, e.g. --config.seeds='(0, 1, 2)'.")
+    if "seed" in set_on_command_line and config.get("seeds", None) and "seeds" not in set_on_command_line:
+        raise UsageError(
+            f"--config.seed={config.seed} would be ignored: this config trains the seeds {tuple(config.seeds)}; "
+            f"pass --config.seeds='({config.seed},)' instead."
+        )
+    configs, runs = {}, {}
     try:
-        configs = {v: base.to_run_config(config, v, set_on_command_line=set_on_command_line) for v in variants}
-        for run_config in configs.values():
-            run.validate(run_config)
+        for v in variants:
+            resolved = base.to_run_config(config, v, set_on_command_line=set_on_command_line)
+            run.validate(resolved)
+            runs[v] = [v if len(seeds) == 1 else f"{v}_seed{s}" for s in seeds]
+            for name, seed in zip(runs[v], seeds, strict=True):
+                configs[name] = dataclasses.replace(resolved, seed=seed)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return Plan(config.data.dataset, Path(fv.workdir), configs)
+    return Plan(config.data.dataset, Path(fv.workdir), configs, runs)
 
 
 def parse(argv: list[str]) -> Plan:
@@ -166,9 +184,10 @@ def parse(argv: list[str]) -> Plan:
 # ---------------------------------------------------------------------------------------------
 
 
-def analysed_variants(the_plan: Plan) -> list[str]:
-    """The variants the neurophysiology analysis measures (:data:`PROBED_KINDS`; not the ResNets)."""
-    return [v for v, c in the_plan.run_configs.items() if c.model.kind in PROBED_KINDS]
+def analysed_runs(the_plan: Plan) -> list[str]:
+    """The runs the neurophysiology analysis measures: each variant's first seed, for the kinds
+    the probe handles (:data:`PROBED_KINDS`; not the ResNets)."""
+    return [runs[0] for runs in the_plan.variants.values() if the_plan.run_configs[runs[0]].model.kind in PROBED_KINDS]
 
 
 def _refuse(message: str) -> None:
@@ -177,13 +196,17 @@ def _refuse(message: str) -> None:
 
 
 def _train_all(the_plan: Plan, on_config_change: str) -> bool:
-    """Trains every variant; ``False`` when a preemption stopped it."""
-    for variant, run_config in the_plan.run_configs.items():
-        result = run.train_and_evaluate(run_config, the_plan.workdir / variant, on_config_change=on_config_change)
+    """Trains every run, seed by seed (each seed's models, then the next seed); ``False`` when a
+    preemption stopped it."""
+    order = [runs[i] for i in range(max(map(len, the_plan.variants.values()))) for runs in the_plan.variants.values()]
+    for name in order:
+        result = run.train_and_evaluate(
+            the_plan.run_configs[name], the_plan.workdir / name, on_config_change=on_config_change
+        )
         if result.get("preempted"):
-            print(f"preempted during {variant}; rerun the same command to resume.", flush=True)
+            print(f"preempted during {name}; rerun the same command to resume.", flush=True)
             return False
-        print(f"{variant}: validation accuracy {result['validation_accuracy']:.4f}", flush=True)
+        print(f"{name}: validation accuracy {result['validation_accuracy']:.4f}", flush=True)
     return True
 
 
@@ -212,9 +235,11 @@ def main(argv):
             f"the analysis and the report need {', '.join(missing)} (the 'analysis' extra): "
             'pip install "lateral_jax[analysis]", or pass --noanalyze --no_report to train only.'
         )
-    variants = list(the_plan.run_configs)
+    variants = list(the_plan.variants)
+    seeds = sorted({c.seed for c in the_plan.run_configs.values()})
     print(
-        f"lateral_jax: {len(variants)} model(s) {', '.join(variants)} on {the_plan.dataset}; "
+        f"lateral_jax: {len(variants)} model(s) {', '.join(variants)} × seed(s) {', '.join(map(str, seeds))} "
+        f"on {the_plan.dataset}; "
         f"{jax.device_count()} device(s) ({jax.devices()[0].platform}); workdir {the_plan.workdir}",
         flush=True,
     )
@@ -227,9 +252,9 @@ def main(argv):
         sys.exit(run.EXIT_DIVERGED)
     if not finished:
         sys.exit(run.EXIT_PREEMPTED)
-    probed = analysed_variants(the_plan)
+    probed = analysed_runs(the_plan)
     if jax.process_index() == 0 and fv.analyze and len(probed) < len(variants):
-        left_out = ", ".join(v for v in variants if v not in probed)
+        left_out = ", ".join(v for v, runs in the_plan.variants.items() if runs[0] not in probed)
         print(f"analysis: the neurophysiology probe measures the small CNNs only; left out {left_out}", flush=True)
     if jax.process_index() == 0 and fv.analyze and probed:
         from experiments import analyze
@@ -238,7 +263,8 @@ def main(argv):
     if jax.process_index() == 0 and not fv.no_report:
         from experiments import report  # matplotlib: only when a report is written
 
-        path = report.write_report(the_plan.workdir, variants, title=f"{the_plan.dataset}: {', '.join(variants)}")
+        title = f"{the_plan.dataset}: {', '.join(variants)}"
+        path = report.write_report(the_plan.workdir, the_plan.variants, title=title)
         print(f"report: {path}", flush=True)
 
 

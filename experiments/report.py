@@ -1,15 +1,19 @@
-"""``report.md`` for a comparison: a table of the models and learning-curve figures.
+"""``report.md`` for a comparison: the models' accuracy over seeds, a table of the runs and
+learning-curve figures.
 
-python -m experiments.report runs/main fcnn lccnn lceicnn
+python -m experiments.report runs/main fcnn lccnn lceicnn                 # one run per model
+python -m experiments.report runs/main fcnn=fcnn_seed0,fcnn_seed1 ...      # a model's seeds
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -27,15 +31,18 @@ def read_metrics(run_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
-def plot_curves(workdir: Path, variants: list[str]) -> list[str]:
+def plot_curves(workdir: Path, groups: Mapping[str, Sequence[str]]) -> list[str]:
+    """``learning_curves.png``: training loss and validation accuracy of every run, a colour per model."""
     figures = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for variant in variants:
-        m = read_metrics(workdir / variant)
-        if m["train"]:
-            axes[0].plot([r["step"] for r in m["train"]], [r["loss"] for r in m["train"]], label=variant)
-        if m["eval"]:
-            axes[1].plot([r["step"] for r in m["eval"]], [r["accuracy"] for r in m["eval"]], marker="o", label=variant)
+    for colour, (variant, runs) in enumerate(groups.items()):
+        for i, name in enumerate(runs):
+            m = read_metrics(workdir / name)
+            style = dict(color=f"C{colour}", label=variant if i == 0 else None, alpha=1.0 if i == 0 else 0.55)
+            if m["train"]:
+                axes[0].plot([r["step"] for r in m["train"]], [r["loss"] for r in m["train"]], **style)
+            if m["eval"]:
+                axes[1].plot([r["step"] for r in m["eval"]], [r["accuracy"] for r in m["eval"]], marker="o", **style)
     axes[0].set(xlabel="step", ylabel="training loss", title="Training loss")
     axes[1].set(xlabel="step", ylabel="validation accuracy", title="Validation accuracy")
     for ax in axes:
@@ -48,66 +55,88 @@ def plot_curves(workdir: Path, variants: list[str]) -> list[str]:
     return figures
 
 
-def write_report(workdir: str | Path, variants: list[str], *, title: str = "") -> Path:
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def write_report(workdir: str | Path, groups: Mapping[str, Sequence[str]] | Sequence[str], *, title: str = "") -> Path:
+    """Writes ``<workdir>/report.md``; ``groups`` maps each model (variant) to its runs' folder names
+    (one per seed), or lists models that have one run each, named as their folders."""
     workdir = Path(workdir)
-    rows = []
-    for variant in variants:
-        final_path = workdir / variant / "final.json"
-        if not final_path.exists():
-            rows.append(f"| {variant} | not finished | | | | | | |")
-            continue
-        f = json.loads(final_path.read_text())
-        tr, e = f.get("train", {}), f.get("ei", {})
-        fmt = lambda v, spec=".3f": "–" if v is None else format(v, spec)  # noqa: E731
-        rows.append(
-            f"| {variant} | {f['num_params']:,} | {f['steps']} | **{f['validation_accuracy']:.4f}** | "
-            f"{fmt(f.get('test_accuracy'), '.4f')} | {fmt(tr.get('final_loop_change'), '.4f')} | "
-            f"{fmt(e.get('ei/purity_mean'))} | "
-            f"{fmt(e.get('ei/fraction_excitatory'))} | {fmt(tr.get('images_per_s'), '.0f')} |"
-        )
-    finished = {
-        v: json.loads((workdir / v / "final.json").read_text())
-        for v in variants
-        if (workdir / v / "final.json").exists()
+    groups = dict(groups) if isinstance(groups, Mapping) else {v: [v] for v in groups}
+    finals = {
+        name: json.loads((workdir / name / "final.json").read_text())
+        for runs in groups.values()
+        for name in runs
+        if (workdir / name / "final.json").exists()
     }
-    figures = plot_curves(workdir, variants)
-    lines = [
-        f"# Report: {title or workdir.name}",
-        "",
-        "| model | parameters | steps | validation accuracy | test accuracy "
+    fmt = lambda v, spec=".3f": "–" if v is None else format(v, spec)  # noqa: E731
+    rows = []
+    for runs in groups.values():
+        for name in runs:
+            if name not in finals:
+                rows.append(f"| {name} | not finished | | | | | | | |")
+                continue
+            f = finals[name]
+            tr, e = f.get("train", {}), f.get("ei", {})
+            rows.append(
+                f"| {name} | {f['num_params']:,} | {f['steps']} | **{f['validation_accuracy']:.4f}** | "
+                f"{fmt(f.get('test_accuracy'), '.4f')} | {fmt(tr.get('final_loop_change'), '.4f')} | "
+                f"{fmt(e.get('ei/purity_mean'))} | "
+                f"{fmt(e.get('ei/fraction_excitatory'))} | {fmt(tr.get('images_per_s'), '.0f')} |"
+            )
+    accuracy = {v: [finals[n]["validation_accuracy"] for n in runs if n in finals] for v, runs in groups.items()}
+    accuracy = {v: a for v, a in accuracy.items() if a}
+    lines = [f"# Report: {title or workdir.name}", ""]
+    if accuracy:
+        seeds = max(len(a) for a in accuracy.values())
+        lines += [
+            f"Validation accuracy, mean ± sample std over {seeds} seed(s):" if seeds > 1 else "Validation accuracy:",
+            "",
+            "| model | validation accuracy | seeds | per seed |",
+            "|---|---|---|---|",
+        ]
+        for v, a in accuracy.items():
+            lines.append(f"| {v} | **{_mean_std(a)}** | {len(a)} | {' / '.join(f'{x:.4f}' for x in a)} |")
+        lines.append("")
+        best = max(accuracy, key=lambda v: np.mean(accuracy[v]))
+        against = ""
+        if "fcnn" in accuracy and best != "fcnn":
+            gap = np.mean(accuracy[best]) - np.mean(accuracy["fcnn"])
+            against = f" (F-CNN: {np.mean(accuracy['fcnn']):.4f}, difference {gap:+.4f})"
+        lines.append(f"**Best (mean):** `{best}` with {np.mean(accuracy[best]):.4f}{against}.")
+        if seeds == 1:
+            lines.append("One seed per model: differences of a few points can be seed-to-seed variation.")
+        lines.append("")
+    lines += [
+        "| run | parameters | steps | validation accuracy | test accuracy "
         "| final-loop change ‖a(T)−a(T−1)‖/‖a(T)‖ | E/I purity | fraction E | train images/s |",
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
-    if finished:
-        best = max(finished, key=lambda v: finished[v]["validation_accuracy"])
-        acc = {v: f["validation_accuracy"] for v, f in finished.items()}
-        lines.append(
-            f"**Best:** `{best}` with validation accuracy {acc[best]:.4f}"
-            + (
-                f" (F-CNN: {acc['fcnn']:.4f}, difference {acc[best] - acc['fcnn']:+.4f})."
-                if "fcnn" in acc and best != "fcnn"
-                else "."
-            )
-        )
-        lines.append(
-            "One seed per model: differences of a few points can be seed-to-seed variation (RESULTS.md has seeds)."
-        )
-        lines.append("")
+    figures = plot_curves(workdir, groups)
     lines += [f"![{name}]({name})" for name in figures]
     analysis = workdir / "analysis" / "analysis.md"
     lines += [
         "",
-        f"Neurophysiology analysis: [{analysis.relative_to(workdir)}]({analysis.relative_to(workdir)})"
+        f"Neurophysiology analysis (each model's first seed): [{analysis.relative_to(workdir)}]"
+        f"({analysis.relative_to(workdir)})"
         if analysis.exists()
         else "",
-        "Files: `<model>/metrics.jsonl`, `<model>/final.json`, `<model>/checkpoints/`.",
+        "Files: `<run>/metrics.jsonl`, `<run>/final.json`, `<run>/checkpoints/`.",
     ]
     out = workdir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
 
 
+def _parse_groups(args: list[str]) -> dict[str, list[str]]:
+    """``model`` or ``model=run,run,...`` per argument."""
+    return {a.split("=", 1)[0]: (a.split("=", 1)[1].split(",") if "=" in a else [a]) for a in args}
+
+
 if __name__ == "__main__":
-    print(write_report(Path(sys.argv[1]), sys.argv[2:]))
+    print(write_report(Path(sys.argv[1]), _parse_groups(sys.argv[2:])))

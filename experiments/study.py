@@ -22,35 +22,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from experiments.configs import variants
+from experiments.study_tables import VARIANTS, analytic_forward_flops, failure_table, summarise, tables  # noqa: F401
 from lateral_jax.training.rundir import EXIT_PREEMPTED, EXIT_REFUSED
 
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 
-VARIANTS = (
-    "fcnn",
-    "lccnn_T1",
-    "lccnn_T2",
-    "lccnn_T4",
-    "lceicnn_T4_l1e-3",
-    "lceicnn_T4_l1e-2",
-    "lceicnn_T4_param",
-    "lceicnn_T4_proj",
-    "fcnn_matched",
-    "unshared_T4",
-)
 ANALYZED = ("fcnn", "lccnn_T4", "lceicnn_T4_l1e-3")
 
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:
+    """A study protocol: CIFAR-10 settings (``widths`` .. ``train_subset``) and those of the
+    embedded tasks (``synthetic_*``: Adam with a linear warm-up of ``synthetic_warmup`` steps,
+    ``None`` = a tenth of the run up to 200, then cosine decay).  ``lateral``: the layers'
+    preset, ``"stable"`` (GroupNorm on the drive and in the loop) or ``"paper"`` (no normalisation,
+    :meth:`~lateral_jax.core.config.LateralConfig.paper`)."""
+
     name: str
     widths: tuple[int, ...]
     epochs: int
@@ -61,6 +53,11 @@ class Protocol:
     seeds: tuple[int, ...] = (0, 1, 2)
     synthetic_train: int = 8192
     synthetic_epochs: int = 10
+    synthetic_widths: tuple[int, ...] = (16, 32, 32)
+    synthetic_batch: int = 128
+    synthetic_lr: float = 3e-3
+    synthetic_warmup: int | None = None
+    lateral: str = "stable"
 
 
 PROTOCOLS = {
@@ -80,6 +77,25 @@ PROTOCOLS = {
         synthetic_train=3072,
         synthetic_epochs=5,
     ),
+    # The embedded tasks on every seed (RESULTS.md, "Failure rates"): a smaller model (widths
+    # 8/16/16, 2.7x cheaper per image than 16/32/32 on a 2-core CPU), batch 32 (4x the updates per
+    # image), a 100-step warm-up, 4 epochs of 4,096 generated images; seeds 0-4.
+    "embedded": Protocol(
+        "embedded",
+        (32, 64, 128),
+        epochs=10,
+        batch_size=128,
+        learning_rate=0.05,
+        dtype="float32",
+        train_subset=10_000,
+        seeds=(0, 1, 2, 3, 4),
+        synthetic_train=4096,
+        synthetic_epochs=4,
+        synthetic_widths=(8, 16, 16),
+        synthetic_batch=32,
+        synthetic_lr=2e-3,
+        synthetic_warmup=100,
+    ),
     # For tests.
     "smoke": Protocol(
         "smoke",
@@ -92,8 +108,14 @@ PROTOCOLS = {
         seeds=(0, 1),
         synthetic_train=128,
         synthetic_epochs=1,
+        synthetic_batch=32,
     ),
 }
+# The normalisation confound (RESULTS.md): the embedded protocol with the paper's raw layers (no
+# GroupNorm anywhere); gradient-norm clipping at 1.0 and non-finite-update skipping as everywhere.
+PROTOCOLS["embedded_paper"] = dataclasses.replace(
+    PROTOCOLS["embedded"], name="embedded_paper", lateral="paper", seeds=(0, 1, 2)
+)
 
 
 def data_config(dataset: str, protocol: Protocol, *, archive: Path = ARCHIVE):
@@ -124,27 +146,31 @@ def run_config(dataset: str, variant: str, seed: int, protocol: Protocol, num_tr
     from lateral_jax.training.train import OptimizerConfig
 
     cifar = dataset == "cifar10"
-    widths = protocol.widths if cifar else (16, 32, 32)  # the main job's contour model
+    widths = protocol.widths if cifar else protocol.synthetic_widths
     epochs = protocol.epochs if cifar else protocol.synthetic_epochs
-    steps = epochs * (num_train // protocol.batch_size)
+    batch_size = protocol.batch_size if cifar else protocol.synthetic_batch
+    steps = epochs * (num_train // batch_size)
+    warmup = protocol.synthetic_warmup if not cifar and protocol.synthetic_warmup is not None else min(200, steps // 10)
     groups = 8 if min(widths) % 8 == 0 else 4
+    fields = variants.overrides(variant)
+    preset = LateralConfig.paper if protocol.lateral == "paper" else LateralConfig.stable
     model = ModelConfig(
         widths=widths,
-        lateral=LateralConfig.stable(num_groups=groups),
+        lateral=preset(num_groups=groups, **fields.pop("lateral", {})),
         dtype=protocol.dtype,
-        **variants.overrides(variant),
+        **fields,
     )
     optimizer = OptimizerConfig(
         name="momentum" if cifar else "adam",
-        learning_rate=protocol.learning_rate if cifar else 3e-3,
+        learning_rate=protocol.learning_rate if cifar else protocol.synthetic_lr,
         weight_decay=5e-4 if cifar else 0.0,
-        warmup_steps=min(200, steps // 10),
+        warmup_steps=min(warmup, steps),
     )
     return RunConfig(
         data=data_config(dataset, protocol, archive=archive),
         model=model,
         optimizer=optimizer,
-        batch_size=protocol.batch_size,
+        batch_size=batch_size,
         num_epochs=float(epochs),
         seed=seed,
         log_every=0,
@@ -161,14 +187,18 @@ def run_dir(out_path: Path, dataset: str, variant: str, seed: int) -> Path:
     return out_path.with_name(f"{out_path.stem}_runs") / f"{dataset}_{variant}_seed{seed}"
 
 
-def run_one(dataset: str, variant: str, seed: int, protocol: Protocol, config, out_path: Path) -> dict | None:
-    """Trains (or resumes) one study run and returns its results row (``None``: preempted, rerun)."""
+def run_one(
+    dataset: str, variant: str, seed: int, protocol: Protocol, config, out_path: Path, *, folder: Path | None = None
+) -> dict | None:
+    """Trains (or resumes) one study run and returns its results row (``None``: preempted, rerun).
+    ``folder``: the run folder (default :func:`run_dir`)."""
     import jax
 
     from lateral_jax.training import run, train
 
+    folder = run_dir(out_path, dataset, variant, seed) if folder is None else folder
     try:
-        final, diverged_step = run.train_and_evaluate(config, run_dir(out_path, dataset, variant, seed)), None
+        final, diverged_step = run.train_and_evaluate(config, folder), None
     except (train.NonFiniteLossError, run.DivergenceError) as e:
         final, diverged_step = None, e.step
     if final is not None and final.get("preempted"):
@@ -203,98 +233,13 @@ def run_one(dataset: str, variant: str, seed: int, protocol: Protocol, config, o
     }
 
 
-def analytic_forward_flops(row: dict) -> float:
-    """Forward FLOPs per image of a study row's model (``models.forward_flops``, 32×32 inputs).
-    XLA's cost analysis is not used for the tables: on GPU it omits the cuDNN convolution custom calls."""
-    from lateral_jax.core import models
-
-    cifar = row["dataset"] == "cifar10"
-    return models.forward_flops(
-        row["widths"],
-        num_steps=0 if row["kind"] in ("fcnn", "fcnn_matched") else row["num_steps"],
-        in_channels=3 if cifar else 1,
-        num_classes=10 if cifar else 2,
-    )
-
-
-def summarise(rows: list[dict]) -> dict:
-    """{(dataset, variant): mean, std, n, diverged, params, flops}."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["dataset"], r["variant"]), []).append(r)
-    out = {}
-    for key, rs in groups.items():
-        accs = [r["val_accuracy"] for r in rs if r["val_accuracy"] is not None]
-        out[key] = {
-            "mean": float(np.mean(accs)) if accs else float("nan"),
-            "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else float("nan"),
-            "n": len(accs),
-            "diverged": sum(r["diverged"] for r in rs),
-            "params": next((r["num_params"] for r in rs if r.get("num_params")), None),
-            "flops": analytic_forward_flops(rs[0]),
-            "purity": float(np.mean([r.get("ei/purity_mean", float("nan")) for r in rs])),
-            "frac_e": float(np.mean([r.get("ei/fraction_excitatory", float("nan")) for r in rs])),
-            "protocol": rs[0]["protocol"],
-            "device": rs[0]["device"],
-            "runs_on": sorted({f"{r['device']} {r.get('dtype', PROTOCOLS[r['protocol']].dtype)}" for r in rs}),
-            # wall time on the first run's device only (a CPU seed beside GPU seeds would swamp it)
-            "wall_s": float(np.mean([r["wall_s"] for r in rs if r["device"] == rs[0]["device"] and "wall_s" in r])),
-        }
-    return out
-
-
-def tables(rows: list[dict]) -> str:
-    summary = summarise(rows)
-    lines = []
-    for dataset in sorted({k[0] for k in summary}):
-        lines += [
-            f"### {dataset}",
-            "",
-            "| model | val. accuracy (mean ± std) | seeds | diverged | parameters | forward MFLOP/image "
-            "| E/I purity | fraction E | s/run |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for variant in VARIANTS:
-            s = summary.get((dataset, variant))
-            if s is None:
-                continue
-            std = "" if math.isnan(s["std"]) else f" ± {100 * s['std']:.2f}"
-            flops = "–" if s["flops"] is None else f"{s['flops'] / 1e6:.1f}"
-            pur = "–" if math.isnan(s["purity"]) else f"{s['purity']:.3f}"
-            fe = "–" if math.isnan(s["frac_e"]) else f"{s['frac_e']:.2f}"
-            acc = f"{100 * s['mean']:.2f}{std} %"
-            seeds = f"{s['n']}" + ("†" if len(s["runs_on"]) > 1 else "")
-            cells = [
-                variant,
-                acc,
-                seeds,
-                s["diverged"],
-                "–" if s["params"] is None else f"{s['params']:,}",
-                flops,
-                pur,
-                fe,
-                f"{s['wall_s']:.1f}",
-            ]
-            lines.append("| " + " | ".join(map(str, cells)) + " |")
-        first = next(iter(summary.values()))
-        lines += ["", f"Protocol `{first['protocol']}` on {first['device']}.", ""]
-        mixed = {v: s["runs_on"] for (d, v), s in summary.items() if d == dataset and len(s["runs_on"]) > 1}
-        if mixed:
-            lines += [
-                "† seeds run on more than one device/compute dtype: "
-                + "; ".join(f"{v}: {', '.join(on)}" for v, on in mixed.items())
-                + ".",
-                "",
-            ]
-    return "\n".join(lines)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--protocol", default="gpu", choices=sorted(PROTOCOLS))
     p.add_argument("--datasets", default="cifar10,contour,pathfinder")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default="results/study.jsonl")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the protocol's)")
     p.add_argument("--time-budget-s", type=float, default=float("inf"))
     p.add_argument(
         "--dtype",
@@ -304,6 +249,12 @@ def main(argv=None) -> None:
         "protocol on a CPU, where bfloat16 is about 2x slower",
     )
     p.add_argument("--archive", default=str(ARCHIVE), help="the CIFAR-10 JPEG archive")
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        help="i/n: run only every n-th run from the i-th (start n processes, e.g. one per core with "
+        "taskset, appending to the same --out)",
+    )
     p.add_argument("--tables", default=None, help="only print the tables of these (comma-separated) results files")
     p.add_argument(
         "--analyze", action="store_true", help="run experiments/analyze.py on the seed-0 runs of F-/LC-/LCEI-CNN"
@@ -318,7 +269,13 @@ def main(argv=None) -> None:
         ]
         print(tables(rows))
         return
+    try:
+        shard = parse_shard(args.shard)
+    except ValueError as e:
+        p.error(str(e))
     protocol = PROTOCOLS[args.protocol]
+    if args.seeds:
+        protocol = dataclasses.replace(protocol, seeds=tuple(int(x) for x in args.seeds.split(",")))
     if args.dtype:
         protocol = dataclasses.replace(protocol, dtype=args.dtype)
     out = Path(args.out)
@@ -330,7 +287,13 @@ def main(argv=None) -> None:
 
     try:
         finished = run_study(
-            out, args.datasets.split(","), args.variants.split(","), protocol, Path(args.archive), args.time_budget_s
+            out,
+            args.datasets.split(","),
+            args.variants.split(","),
+            protocol,
+            Path(args.archive),
+            args.time_budget_s,
+            shard=shard,
         )
     except (run.RunFolderError, checkpoint.CheckpointMismatchError, sources.BadImageError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -342,11 +305,29 @@ def main(argv=None) -> None:
     print(tables(rows))
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` → ``(i, n)``, or a ``ValueError`` saying what a shard is."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise ValueError(f"--shard={text!r} must be i/n with 0 <= i < n (e.g. 0/2 and 1/2 for two processes).")
+    return index, count
+
+
 def run_study(
-    out: Path, datasets: list[str], names: list[str], protocol: Protocol, archive: Path, time_budget_s: float
+    out: Path,
+    datasets: list[str],
+    names: list[str],
+    protocol: Protocol,
+    archive: Path,
+    time_budget_s: float,
+    *,
+    shard: tuple[int, int] = (0, 1),
 ) -> bool:
     """Runs every (dataset, seed, variant) not yet in ``out``, appending one row each; ``False``
-    when a preemption (SIGTERM) stopped it."""
+    when a preemption (SIGTERM) stopped it.  ``shard=(i, n)`` runs the i-th of every n runs."""
     from lateral_jax.training import run
 
     for name in names:
@@ -359,6 +340,7 @@ def run_study(
                 r = json.loads(line)
                 done.add((r["dataset"], r["variant"], r["seed"], r["protocol"]))
     t_start = time.perf_counter()
+    position = -1
     for dataset in datasets:
         if dataset == "cifar10" and not archive.exists():
             print(f"SKIP cifar10: {archive} is absent", flush=True)
@@ -366,7 +348,8 @@ def run_study(
         num_train = len(run.build_data(data_config(dataset, protocol, archive=archive), 0).train)
         for seed in protocol.seeds:
             for variant in names:
-                if (dataset, variant, seed, protocol.name) in done:
+                position += 1
+                if position % shard[1] != shard[0] or (dataset, variant, seed, protocol.name) in done:
                     continue
                 if time.perf_counter() - t_start > time_budget_s:
                     print(f"time budget reached: skipping {dataset}/{variant}/seed {seed}", flush=True)

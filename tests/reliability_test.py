@@ -228,14 +228,41 @@ def test_bad_flags_are_refused_before_anything_runs(argv, match):
 def test_command_line_overrides_win_over_variant_defaults():
     plan = main_cli.parse(["main", "--config.model.ei_mode=project", "--config.model.ei_weight=0"])
     assert {v: (c.model.kind, c.model.ei_mode, c.model.ei_weight) for v, c in plan.run_configs.items()} == {
-        "fcnn": ("fcnn", "project", 0.0),
-        "lccnn": ("lccnn", "project", 0.0),
-        "lceicnn": ("lceicnn", "project", 0.0),
+        f"{kind}_seed{seed}": (kind, "project", 0.0) for kind in ("fcnn", "lccnn", "lceicnn") for seed in (0, 1, 2)
     }
-    plan = main_cli.parse(["main", "--only=lceicnn_T2,lccnn", "--config.model.num_steps=8"])
+    plan = main_cli.parse(["main", "--only=lceicnn_T2,lccnn", "--config.model.num_steps=8", "--config.seeds=(0,)"])
     assert [c.model.num_steps for c in plan.run_configs.values()] == [8, 8]
-    plan = main_cli.parse(["main", "--only=lceicnn_T2"])  # without an override the variant's own value holds
+    plan = main_cli.parse(["main", "--only=lceicnn_T2", "--config.seeds=(0,)"])  # the variant's own value holds
     assert plan.run_configs["lceicnn_T2"].model.num_steps == 2
+    # a variant's lateral kernel size, unless the command line sets it; the rest of the preset kept
+    plan = main_cli.parse(["main", "--only=lccnn_T4_k5", "--config.seeds=(0,)"])
+    lateral = plan.run_configs["lccnn_T4_k5"].model.lateral
+    assert (lateral.lateral_size, lateral.loop_norm, lateral.num_groups) == (5, "group", 8)
+    plan = main_cli.parse(
+        ["main", "--only=lccnn_T4_k5", "--config.seeds=(0,)", "--config.model.lateral.lateral_size=7"]
+    )
+    assert plan.run_configs["lccnn_T4_k5"].model.lateral.lateral_size == 7
+
+
+def test_a_config_with_seeds_trains_one_run_per_seed_and_refuses_a_lone_seed_flag():
+    plan = main_cli.parse(["main", "--only=fcnn,lccnn"])
+    assert plan.variants == {
+        "fcnn": ["fcnn_seed0", "fcnn_seed1", "fcnn_seed2"],
+        "lccnn": ["lccnn_seed0", "lccnn_seed1", "lccnn_seed2"],
+    }
+    assert [c.seed for c in plan.run_configs.values()] == [0, 1, 2, 0, 1, 2]
+    # the generated examples are the same for every seed: seeds differ in initialisation and batch order
+    assert {c.data.seed for c in plan.run_configs.values()} == {0}
+    assert main_cli.analysed_runs(plan) == ["fcnn_seed0", "lccnn_seed0"]
+    plan = main_cli.parse(["main", "--only=fcnn", "--config.seeds=(3, 4)"])
+    assert plan.variants == {"fcnn": ["fcnn_seed3", "fcnn_seed4"]}
+    with pytest.raises(main_cli.UsageError, match=r"--config.seed=5 would be ignored.*--config.seeds='\(5,\)'"):
+        main_cli.parse(["main", "--config.seed=5"])
+    with pytest.raises(main_cli.UsageError, match="give distinct integer seeds"):
+        main_cli.parse(["main", "--config.seeds=(1, 1)"])
+    plan = main_cli.parse(["main", "--config", "experiments/configs/cifar10.py"])  # one seed: folders named as models
+    assert plan.variants == {"fcnn": ["fcnn"], "lccnn": ["lccnn"], "lceicnn": ["lceicnn"]}
+    assert all(c.device_data for c in plan.run_configs.values())  # JPEGs decoded once, augmented in JAX
 
 
 def _documented_commands() -> list[str]:

@@ -287,3 +287,41 @@ def test_cifar10_smoke_on_the_shared_archive(tmp_path):
     assert result["steps"] == 510 // 64
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     assert final["dataset"] == "image_folder" and 0 <= final["validation_accuracy"] <= 1
+
+
+def test_a_second_seed_reuses_the_compiled_programs_and_gets_what_a_fresh_process_gets(tmp_path):
+    """programs() is keyed by what the programs depend on: seed 1 after seed 0 in one process hits
+    the cache, and its result is the one seed 1 gets with nothing cached."""
+    from lateral_jax.training import programs
+
+    config = tiny_config(num_epochs=1.0, device_data=True)
+    programs.programs.cache_clear()
+    alone = run.train_and_evaluate(dataclasses.replace(config, seed=1), tmp_path / "alone")
+    programs.programs.cache_clear()
+    run.train_and_evaluate(config, tmp_path / "seed0")
+    hits = programs.programs.cache_info().hits
+    after = run.train_and_evaluate(dataclasses.replace(config, seed=1), tmp_path / "seed1")
+    assert programs.programs.cache_info().hits == hits + 1
+    assert after["validation_loss"] == alone["validation_loss"]
+    assert after["train"]["loss"] == alone["train"]["loss"]
+    wider = run.train_and_evaluate(
+        dataclasses.replace(config, model=dataclasses.replace(config.model, widths=(16,))), tmp_path / "w"
+    )
+    assert programs.programs.cache_info().hits == hits + 1 and wider["num_params"] > after["num_params"]
+
+
+def test_the_report_gives_each_models_mean_and_std_over_its_seeds(tmp_path):
+    from experiments import report
+
+    for name, acc in (("fcnn_seed0", 0.60), ("fcnn_seed1", 0.70), ("lccnn_seed0", 0.90), ("lccnn_seed1", 0.80)):
+        (tmp_path / name).mkdir()
+        final = {"num_params": 10, "steps": 4, "validation_accuracy": acc, "train": {"images_per_s": 5.0}, "ei": {}}
+        (tmp_path / name / "final.json").write_text(json.dumps(final))
+    groups = {"fcnn": ["fcnn_seed0", "fcnn_seed1"], "lccnn": ["lccnn_seed0", "lccnn_seed1", "lccnn_seed2"]}
+    text = report.write_report(tmp_path, groups).read_text()
+    assert "mean ± sample std over 2 seed(s)" in text
+    assert "| fcnn | **0.6500 ± 0.0707** | 2 | 0.6000 / 0.7000 |" in text
+    assert "| lccnn | **0.8500 ± 0.0707** | 2 | 0.9000 / 0.8000 |" in text
+    assert "**Best (mean):** `lccnn` with 0.8500 (F-CNN: 0.6500, difference +0.2000)." in text
+    assert "| lccnn_seed2 | not finished |" in text
+    assert report._parse_groups(["fcnn=a,b", "lccnn"]) == {"fcnn": ["a", "b"], "lccnn": ["lccnn"]}

@@ -253,8 +253,8 @@ def test_launchers_start_the_documented_command_on_every_host(tmp_path):
     assert plan.workdir.as_posix() == "/shared/runs/x"
     assert plan.run_configs["lateral_resnet_T2"].data.archive == str(tmp_path / "d")
     assert plan.run_configs["lateral_resnet_T2"].model.kind == "lateral_resnet"
-    assert main.analysed_variants(plan) == []  # the probe measures the small CNNs, not the ResNets
-    assert main.analysed_variants(main.parse(["main"])) == ["fcnn", "lccnn", "lceicnn"]
+    assert main.analysed_runs(plan) == []  # the probe measures the small CNNs, not the ResNets
+    assert main.analysed_runs(main.parse(["main"])) == ["fcnn_seed0", "lccnn_seed0", "lceicnn_seed0"]
 
 
 def test_a_tfds_prepared_imagenet_is_read_at_the_configured_size():

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from experiments import study
+from experiments import study, study_tables
 from experiments.configs import variants
 from lateral_jax.training import run
 
@@ -85,3 +85,43 @@ def test_tables_mark_variants_whose_seeds_ran_on_other_devices():
     table = study.tables(rows)
     assert "| fcnn | 60.67 ± 1.15 % | 3† |" in table
     assert "† seeds run on more than one device/compute dtype: fcnn: NVIDIA H200 bfloat16, cpu float32." in table
+
+
+def _row(variant, seed, acc, dataset="contour", protocol="embedded"):
+    return {"dataset": dataset, "protocol": protocol, "variant": variant, "seed": seed, "val_accuracy": acc}
+
+
+def test_a_run_within_five_points_of_chance_counts_as_a_failure():
+    assert study_tables.failed(_row("lccnn_T4", 0, 0.5499)) and not study_tables.failed(_row("x", 0, 0.55))
+    assert study_tables.failed(_row("lccnn_T4", 0, None))  # diverged
+    assert study_tables.failed(_row("fcnn", 0, 0.149, dataset="cifar10"))  # chance is 10 % there
+    assert not study_tables.failed(_row("fcnn", 0, 0.15, dataset="cifar10"))
+    rows = [_row("lccnn_T4", s, a, protocol="cpu") for s, a in enumerate((0.80, 0.51, 0.90))]
+    rows += [_row("lccnn_T4", s, 0.8) for s in range(5)]
+    rows += [_row("fcnn", s, 0.52) for s in range(5)] + [_row("fcnn_matched", s, a) for s, a in enumerate((0.5, 0.7))]
+    table = study.failure_table(rows, ("cpu", "embedded"))
+    assert "| lccnn_T4 | 1 / 3 | 0 / 5 |" in table
+    assert "| fcnn | – | 5 / 5 (feed-forward, fails every seed) |" in table
+    assert "| fcnn_matched | – | 1 / 2 |" in table  # fails on one seed of two: not excused
+
+
+def test_shards_split_a_study_between_processes(tmp_path):
+    assert study.parse_shard("1/2") == (1, 2)
+    for bad in ("2/2", "x", "1"):
+        with pytest.raises(ValueError, match="must be i/n with 0 <= i < n"):
+            study.parse_shard(bad)
+    out = tmp_path / "study.jsonl"
+    args = ["--protocol", "smoke", "--datasets", "contour", "--variants", "fcnn,lccnn_T1", "--out", str(out)]
+    study.main([*args, "--shard", "1/2"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["variant"], r["seed"]) for r in rows] == [("lccnn_T1", 0), ("lccnn_T1", 1)]  # positions 1 and 3 of 4
+
+
+def test_the_paper_protocol_and_kernel_suffix_reach_the_lateral_layers():
+    paper = study.run_config("contour", "lccnn_T4_k7", 0, study.PROTOCOLS["embedded_paper"], 4096)
+    assert (paper.model.lateral.drive_norm, paper.model.lateral.loop_norm) == ("none", "none")
+    assert paper.model.lateral.lateral_size == 7 and paper.model.num_steps == 4
+    stable = study.run_config("contour", "lccnn_T4", 0, study.PROTOCOLS["embedded"], 4096)
+    assert (stable.model.lateral.loop_norm, stable.model.lateral.lateral_size) == ("group", 3)
+    assert (stable.batch_size, stable.optimizer.warmup_steps, stable.model.widths) == (32, 100, (8, 16, 16))
+    assert stable.optimizer.learning_rate == 2e-3 and stable.num_epochs == 4.0

@@ -1,11 +1,13 @@
 """Model variants by name: a base kind plus optional suffixes, so each variant is defined once.
 
-  <kind>[_T<n>][_l<λ>][_param|_proj]
+  <kind>[_T<n>][_l<λ>][_param|_proj][_k<n>]
 
 ``kind`` is a ``ModelConfig.kind`` (fcnn, fcnn_matched, lccnn, lceicnn, unshared, lateral_resnet);
 ``_T<n>`` sets T = n lateral loops; ``lceicnn`` is the mixed-sign E/I penalty with λ_EI = 1e-3,
 ``_l<λ>`` sets λ_EI, ``_param`` / ``_proj`` use the parametrised or projected E/I form instead (no
-loss term).  Examples: ``lccnn_T2``, ``lceicnn_T4_l1e-2``, ``lceicnn_param``, ``unshared_T4``.
+loss term), ``_k<n>`` makes the lateral kernels n × n (``{"lateral": {"lateral_size": n}}``, merged
+into the config's ``LateralConfig``).  Examples: ``lccnn_T2``, ``lceicnn_T4_l1e-2``, ``lceicnn_param``,
+``unshared_T4``, ``lccnn_T4_k7``.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import re
 from typing import Any
 
 KINDS = ("fcnn_matched", "fcnn", "lccnn", "lceicnn", "unshared", "lateral_resnet")
-_NAME = re.compile(r"^(?P<kind>" + "|".join(KINDS) + r")(?P<suffixes>(?:_T\d+|_l[0-9.]+(?:e-?\d+)?|_param|_proj)*)$")
-_SUFFIX = re.compile(r"_(T\d+|l[0-9.]+(?:e-?\d+)?|param|proj)")
+_ONE_SUFFIX = r"_(T\d+|l[0-9.]+(?:e-?\d+)?|param|proj|k\d+)"
+_NAME = re.compile(r"^(?P<kind>" + "|".join(KINDS) + r")(?P<suffixes>(?:" + _ONE_SUFFIX + r")*)$")
+_SUFFIX = re.compile(_ONE_SUFFIX)
 
 # The paper's three models and the two controls (the main job trains the first three).
 STANDARD = ("fcnn", "lccnn", "lceicnn", "lceicnn_param", "lceicnn_proj", "fcnn_matched", "unshared")
@@ -26,7 +29,7 @@ def overrides(name: str) -> dict[str, Any]:
     match = _NAME.match(name)
     if match is None:
         raise ValueError(
-            f"variant {name!r} is not a valid name: <kind>[_T<n>][_l<lambda>][_param|_proj] with kind one of "
+            f"variant {name!r} is not a valid name: <kind>[_T<n>][_l<lambda>][_param|_proj][_k<n>] with kind one of "
             f"{', '.join(KINDS)} (e.g. {', '.join(STANDARD)})."
         )
     out: dict[str, Any] = {"kind": match["kind"]}
@@ -35,6 +38,8 @@ def overrides(name: str) -> dict[str, Any]:
     for suffix in _SUFFIX.findall(match["suffixes"]):
         if suffix.startswith("T"):
             out["num_steps"] = int(suffix[1:])
+        elif suffix.startswith("k"):
+            out["lateral"] = {"lateral_size": int(suffix[1:])}
         elif suffix.startswith("l"):
             out["ei_weight"] = float(suffix[1:])
         else:

@@ -7,8 +7,6 @@ in a checkpoint.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
@@ -65,7 +63,8 @@ class DeviceFeed:
     1/D share (:mod:`lateral_jax.training.device_epochs`); each process decodes only its devices'
     shares."""
 
-    def __init__(self, config: RunConfig, data: Data, model: Any, tx, mesh):
+    def __init__(self, config: RunConfig, data: Data, epoch_fn, mesh):
+        """``epoch_fn``: :func:`lateral_jax.training.device_epochs.make_device_epoch` of the run's model."""
         pipeline.check_batch_fits(config.batch_size, len(data.train))
         blocks = device_epochs.device_blocks(len(data.train), mesh.size, seed=config.seed + 2000)
         self.images, self.labels = device_epochs.put_blocks(
@@ -76,14 +75,7 @@ class DeviceFeed:
             mesh,
         )
         self.steps_per_advance = blocks.shape[1] // (config.batch_size // mesh.size)
-        self.epoch_fn = device_epochs.make_device_epoch(
-            model,
-            tx,
-            mesh,
-            batch_size=config.batch_size,
-            augment=config.data.augment,
-            label_smoothing=config.label_smoothing,
-        )
+        self.epoch_fn = epoch_fn
         self.key = jax.random.key(config.seed + 1000)
         self.epoch = 0
 

@@ -15,7 +15,6 @@ epoch); both run the same :func:`lateral_jax.training.train.train_step`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import signal
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lateral_jax.core import dynamics, models
+from lateral_jax.core import models
 from lateral_jax.training import checkpoint, train
 from lateral_jax.training.config import (
     DATASETS,
@@ -48,6 +47,7 @@ from lateral_jax.training.datasets import Data, build_data
 from lateral_jax.training.divergence import DivergenceError, DivergenceMonitor
 from lateral_jax.training.feeds import DeviceFeed, HostFeed
 from lateral_jax.training.metrics import MetricWriter
+from lateral_jax.training.programs import build_model, programs
 from lateral_jax.training.rundir import (
     EXIT_DIVERGED,
     EXIT_OK,
@@ -62,38 +62,6 @@ from lateral_jax.training.rundir import (
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
-
-
-def build_model(config: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -> Any:
-    """The Flax model of ``config`` for ``num_classes`` outputs and ``input_shape`` (H, W, C) inputs."""
-    common = dict(
-        num_classes=num_classes,
-        lateral=config.lateral,
-        loop=config.loop,
-        ei_mode=config.ei_mode,
-        ei_weight=config.ei_weight,
-        excitatory_fraction=config.excitatory_fraction,
-        dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32,
-    )
-    if config.kind == "lateral_resnet":
-        return models.LateralResNet(
-            stage_sizes=config.stage_sizes or (2,) * len(config.widths),
-            widths=config.widths,
-            block=config.block,
-            lateral_stages=config.lateral_stages,
-            small_inputs=input_shape[0] <= 64 if config.small_inputs is None else config.small_inputs,
-            num_groups=config.lateral.num_groups,
-            num_steps=config.num_steps,
-            **common,
-        )
-    if config.kind == "fcnn":
-        return models.LateralCNN(widths=config.widths, num_steps=0, **common)
-    if config.kind == "fcnn_matched":
-        reference = models.LateralCNN(widths=config.widths, num_steps=config.num_steps, **common)
-        widths = models.param_matched_widths(reference, (1, *input_shape), multiple=config.lateral.num_groups)
-        return models.LateralCNN(widths=widths, num_steps=0, **common)
-    unshared = config.kind == "unshared"
-    return models.LateralCNN(widths=config.widths, num_steps=config.num_steps, unshared=unshared, **common)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,27 +113,32 @@ class _Run:
     def __init__(self, config: RunConfig, workdir: Path):
         self.config, self.workdir = config, workdir
         self.is_main = jax.process_index() == 0
-        self.mesh = train.make_mesh()
-        train.check_batch_size(config.batch_size, self.mesh)
+        train.check_batch_size(config.batch_size, train.make_mesh())
         self.data = build_data(config.data, config.seed)
-        self.model = build_model(config.model, self.data.num_classes, self.data.input_shape)
         self.steps_per_epoch = max(1, len(self.data.train) // config.batch_size)
         self.total_steps = max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
         # the schedule counts optimiser updates: one per accumulate_steps batches
         updates = math.ceil(self.total_steps / config.optimizer.accumulate_steps)
-        optimizer = dataclasses.replace(config.optimizer, total_steps=updates)
-        self.tx = train.make_optimizer(optimizer, ei_mode=config.model.ei_mode)
+        p = programs(
+            config.model,
+            dataclasses.replace(config.optimizer, total_steps=updates),
+            self.data.num_classes,
+            tuple(self.data.input_shape),
+            batch_size=config.batch_size,
+            device_data=config.device_data,
+            augment=config.data.augment,
+            label_smoothing=config.label_smoothing,
+            devices=tuple(jax.devices()),
+        )
+        self.mesh, self.model, self.tx, self.eval_fn, self.spectral_fn = p.mesh, p.model, p.tx, p.eval_step, p.spectral
         example = jnp.zeros((1, *self.data.input_shape), jnp.float32)
         self.initial = train.replicate(
             train.init_state(self.model, self.tx, jax.random.key(config.seed), example), self.mesh
         )
         if config.device_data:
-            self.feed = DeviceFeed(config, self.data, self.model, self.tx, self.mesh)
+            self.feed = DeviceFeed(config, self.data, p.epoch, self.mesh)
         else:
-            step_fn = train.jit_train_step(self.model, self.tx, self.mesh, label_smoothing=config.label_smoothing)
-            self.feed = HostFeed(config, self.data, step_fn, self.mesh)
-        self.eval_fn = train.jit_eval_step(self.model, self.mesh)
-        self.spectral_fn = jax.jit(functools.partial(dynamics.layer_spectral_radii, self.model, num_iters=12))
+            self.feed = HostFeed(config, self.data, p.step, self.mesh)
         self.ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
         self.writer: MetricWriter | None = None  # opened once the resume step is known
         self.divergence = DivergenceMonitor(config.divergence, self.data.num_classes)

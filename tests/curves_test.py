@@ -1,0 +1,47 @@
+"""The difficulty curves (experiments/curves.py) on the study's smoke protocol: rows, resume, reuse, tables."""
+
+import json
+
+import pytest
+
+from experiments import curves, study
+
+KNOB = [("pathfinder", "num_curves")]
+
+
+def test_curves_train_each_level_resume_and_tabulate(tmp_path, capsys):
+    out, smoke = tmp_path / "curves.jsonl", study.PROTOCOLS["smoke"]
+    # a study row at the default level (2 curves) stands in for that run
+    reuse = tmp_path / "study.jsonl"
+    reuse.write_text(json.dumps({"dataset": "pathfinder", "protocol": "smoke", "variant": "fcnn", "seed": 0}) + "\n")
+    assert curves.run_curves(out, KNOB, models=("fcnn",), seeds=(0,), protocol=smoke, reuse=[reuse])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["knob"], r["level"], r["variant"]) for r in rows] == [
+        ("num_curves", 3.0, "fcnn"),
+        ("num_curves", 4.0, "fcnn"),
+    ]
+    config = json.loads(
+        (curves.run_folder(out, "pathfinder", "num_curves", 4.0, "fcnn", 0) / "config.json").read_text()
+    )
+    assert config["data"]["task"] == [["num_curves", 4]]  # an int knob stays an int
+    assert curves.level_config("pathfinder", "num_curves", 2.0, "fcnn", 0, smoke).data.task == ()  # the default
+    assert curves.run_curves(out, KNOB, models=("fcnn",), seeds=(0,), protocol=smoke, reuse=[reuse])
+    assert len(out.read_text().splitlines()) == 2  # finished runs are skipped
+    points = curves.curve_points(
+        rows,
+        [{**r, "dataset": "pathfinder", "knob": None, "protocol": "smoke", "val_accuracy": 0.7} for r in rows[:1]],
+        protocol="smoke",
+    )
+    assert points["pathfinder", "num_curves", 2.0, "fcnn"] == [0.7]
+    points[("pathfinder", "num_curves", 3.0, "lccnn_T4")] = [0.8, 0.9]
+    points[("pathfinder", "num_curves", 3.0, "fcnn")] = [0.6, 0.6]
+    table = curves.tables(points)
+    assert "| lccnn_T4 | – | 85.0 ± 7.1 (2) | – |" in table
+    assert "| lccnn_T4 − best F-CNN (points) | – | +25.0 | – |" in table
+    curves.figure(points, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_unknown_knobs_are_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match="unknown contour:width; choose from contour:path_length"):
+        curves.parse_knobs("contour:width")
