@@ -65,6 +65,21 @@ PROTOCOLS = {
     "gpu": Protocol(
         "gpu", (64, 128, 256), epochs=6, batch_size=256, learning_rate=0.1, dtype="bfloat16", train_subset=None
     ),
+    # The full protocol at a real schedule: 25 epochs (experiments/device_run4.sh, one GPU).
+    "gpu_full": Protocol(
+        "gpu_full", (64, 128, 256), epochs=25, batch_size=256, learning_rate=0.1, dtype="bfloat16", train_subset=None
+    ),
+    # The reduced protocol of experiments/configs/cifar10.py (widths 32/64/128, 10,000-image subset)
+    # trained 30 epochs instead of 10, so that training accuracy flattens (device_run4.sh).
+    "reduced_long": Protocol(
+        "reduced_long",
+        (32, 64, 128),
+        epochs=30,
+        batch_size=128,
+        learning_rate=0.05,
+        dtype="float32",
+        train_subset=10_000,
+    ),
     # The reduced CPU protocol: widths 32/64/128, 10,000-image subset, 10 epochs.
     "cpu": Protocol(
         "cpu",
@@ -257,6 +272,11 @@ def main(argv=None) -> None:
     )
     p.add_argument("--tables", default=None, help="only print the tables of these (comma-separated) results files")
     p.add_argument(
+        "--failures",
+        default=None,
+        help="with --tables: also the failure-rate tables of these (comma-separated) protocols, e.g. cpu,embedded",
+    )
+    p.add_argument(
         "--analyze", action="store_true", help="run experiments/analyze.py on the seed-0 runs of F-/LC-/LCEI-CNN"
     )
     args = p.parse_args(argv)
@@ -268,6 +288,8 @@ def main(argv=None) -> None:
             if line.strip()
         ]
         print(tables(rows))
+        if args.failures:
+            print(failure_table(rows, tuple(args.failures.split(","))))
         return
     try:
         shard = parse_shard(args.shard)
