@@ -10,6 +10,7 @@ end of a run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,16 @@ class Resized:
         return example
 
 
+@functools.lru_cache(maxsize=8)
+def _generated(name: str, num_examples: int, seed: int, task: tuple[tuple[str, Any], ...]) -> dict[str, np.ndarray]:
+    """The generated examples of a synthetic task, made once per process (several seeds of a study
+    or of the main job share them); the arrays are read-only."""
+    arrays = synthetic.make_task(name, num_examples, seed=seed, **dict(task))
+    for array in arrays.values():
+        array.flags.writeable = False
+    return arrays
+
+
 def _subset(source: Any, size: int | None, seed: int) -> Any:
     if size is None or size >= len(source):
         return source
@@ -67,9 +78,8 @@ def build_data(config: DataConfig, seed: int) -> Data:
     the generated examples and the splits)."""
     seed = seed if config.seed is None else config.seed
     if config.dataset in SYNTHETIC:
-        task = dict(config.task)
-        train_arrays = synthetic.make_task(config.dataset, config.num_train, seed=seed, **task)
-        val_arrays = synthetic.make_task(config.dataset, config.num_validation, seed=seed + 10_000, **task)
+        train_arrays = _generated(config.dataset, config.num_train, seed, config.task)
+        val_arrays = _generated(config.dataset, config.num_validation, seed + 10_000, config.task)
         tr, va = sources.ArraySource(train_arrays), sources.ArraySource(val_arrays)
         tr = _subset(tr, config.train_subset, seed)
         return Data(tr, va, pipeline.IDENTITY, 2, tr[0]["image"].shape, ["absent", "present"])
