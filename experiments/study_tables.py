@@ -124,12 +124,25 @@ def summarise(rows: list[dict]) -> dict:
             ),
             # wall time on the first run's device only (a CPU seed beside GPU seeds would swamp it)
             "wall_s": float(np.mean([r["wall_s"] for r in rs if r["device"] == rs[0]["device"] and "wall_s" in r])),
+            "per_seed": " / ".join(
+                "div." if r["val_accuracy"] is None else f"{100 * r['val_accuracy']:.1f}"
+                for r in sorted(rs, key=lambda r: r["seed"])
+            ),
         }
     return out
 
 
 def tables(rows: list[dict], order: tuple[str, ...] = VARIANTS) -> str:
-    """One markdown table per dataset: a row per variant (in ``order``), mean ± sample std over seeds."""
+    """One markdown table per protocol and dataset: a row per variant (those of ``order`` first, in
+    its order, then any others), mean ± sample std over seeds."""
+    by_protocol: dict[str, list[dict]] = {}
+    for r in rows:
+        by_protocol.setdefault(r["protocol"], []).append(r)
+    extra = tuple(sorted({r["variant"] for r in rows} - set(order)))
+    return "\n".join(_protocol_tables(rs, order + extra) for _, rs in sorted(by_protocol.items()))
+
+
+def _protocol_tables(rows: list[dict], order: tuple[str, ...]) -> str:
     summary = summarise(rows)
     lines = []
     for dataset in sorted({k[0] for k in summary}):
@@ -137,8 +150,8 @@ def tables(rows: list[dict], order: tuple[str, ...] = VARIANTS) -> str:
             f"### {dataset}",
             "",
             "| model | val. accuracy (mean ± std) | seeds | diverged | parameters | forward MFLOP/image "
-            "| E/I purity | fraction E | s/run |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| E/I purity | fraction E | s/run | per seed (%) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for variant in order:
             s = summary.get((dataset, variant))
@@ -160,6 +173,7 @@ def tables(rows: list[dict], order: tuple[str, ...] = VARIANTS) -> str:
                 pur,
                 fe,
                 f"{s['wall_s']:.1f}",
+                s["per_seed"],
             ]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
         first = next(iter(summary.values()))
