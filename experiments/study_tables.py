@@ -126,7 +126,7 @@ def summarise(rows: list[dict]) -> dict:
             "wall_s": float(np.mean([r["wall_s"] for r in rs if r["device"] == rs[0]["device"] and "wall_s" in r])),
             "per_seed": " / ".join(
                 "div." if r["val_accuracy"] is None else f"{100 * r['val_accuracy']:.1f}"
-                for r in sorted(rs, key=lambda r: r["seed"])
+                for r in sorted(rs, key=lambda r: r.get("seed", 0))
             ),
         }
     return out
