@@ -13,8 +13,8 @@ unshared control) trains on each level for each seed, under the ``embedded`` stu
 difficulty on every seed).  A run is an ordinary training run folder; its row (the study's, plus
 ``knob`` and ``level``) is appended to ``--out`` as it finishes, finished rows are skipped and an
 unfinished run resumes, so rerunning the command continues the curves.  At a knob's default level
-the study's own rows (``--reuse``) stand in for runs of the same config.  Runs go seed by seed
-(all knobs and levels for seed 0 first), so a cut leaves whole curves.
+the study's own rows (``--reuse``) stand in for runs of the same config.  Runs go knob by knob in
+``--knobs`` order and, within a knob, seed by seed, so a cut leaves whole curves of the first knobs.
 """
 
 from __future__ import annotations
@@ -80,11 +80,12 @@ def read_rows(paths: list[Path]) -> list[dict]:
 
 
 def plan(knobs: list[tuple[str, str]], models: tuple[str, ...], seeds: tuple[int, ...]) -> list[tuple]:
-    """``(task, knob, level, variant, seed)`` of every run, seed-major."""
+    """``(task, knob, level, variant, seed)`` of every run: knob by knob (in the given priority order),
+    within a knob seed by seed."""
     return [
         (task, knob, float(level), variant, seed)
-        for seed in seeds
         for task, knob in knobs
+        for seed in seeds
         for level in KNOBS[task, knob]
         for variant in models
     ]
