@@ -51,15 +51,16 @@ def test_ml_collections_config_and_variant_become_the_run_config():
     run_config = base.to_run_config(c, "lceicnn_T2")
     assert run_config.model == config.ModelConfig(
         kind="lceicnn",
-        widths=(16, 32, 32),
+        widths=(8, 16, 16),
         num_steps=2,
-        lateral=LateralConfig.stable(num_groups=4),
+        lateral=LateralConfig.stable(num_groups=8),
         loop=LoopOptions(grad_mode="truncated", truncate_steps=2),
         ei_mode="mixed_sign",
         ei_weight=1e-3,
     )
     assert run_config.data.task == () and run_config.data.archive is None
-    assert run_config.optimizer.warmup_steps == 30 and run_config.batch_size == 128
+    assert run_config.optimizer.warmup_steps == 100 and run_config.batch_size == 32
+    assert run_config.device_data and run_config.data.seed == 0 and tuple(c.seeds) == (0, 1, 2)
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,9 @@
-"""F-CNN vs LC-CNN vs LCEI-CNN on the embedded Pathfinder-style task.
+"""F-CNN vs LC-CNN vs LCEI-CNN on the embedded Pathfinder-style task, seeds 0–2 (the main job's protocol).
 
 Command: python -m experiments.main --config experiments/configs/pathfinder.py --workdir runs/pathfinder
 Smoke: --config experiments/configs/pathfinder.py:smoke
-Runtime: about 6 minutes on a 2-core CPU.
+Runtime: about 6 minutes on a 2-core CPU. Five seeds of the same protocol: RESULTS.md (LC-CNN
+69.6 ± 7.0 %, F-CNN 56.1 ± 2.1 %).
 """
 
 from experiments.configs import base
