@@ -2,7 +2,7 @@
 
 Command: python -m experiments.main --config experiments/configs/pathfinder.py --workdir runs/pathfinder
 Smoke: --config experiments/configs/pathfinder.py:smoke
-Runtime: about 6 minutes on a 2-core CPU. Five seeds of the same protocol: RESULTS.md (LC-CNN
+Five seeds of the same protocol: RESULTS.md (LC-CNN
 69.6 ± 7.0 %, F-CNN 56.1 ± 2.1 %).
 """
 
