@@ -142,12 +142,13 @@ def curve_points(rows: list[dict], reuse_rows: list[dict] = (), protocol: str = 
 
 
 def tables(points: dict[tuple, list[float]], models: tuple[str, ...] = MODELS) -> str:
-    """A markdown table per knob (rows: models; columns: levels; mean ± sample std over seeds, n) and the
-    gain of each lateral model over the better feed-forward control at each level."""
+    """A markdown table per knob that has a curve (rows: models; columns: levels; mean ± sample std over
+    seeds, n) and the gain of each lateral model over the better of the two feed-forward controls at
+    each level where both ran."""
     lines = []
     for task, knob in KNOBS:
         levels = sorted({k[2] for k in points if k[:2] == (task, knob)})
-        if not levels:
+        if levels in ([], [float(default_level(task, knob))]):  # no curve: at most the study's default
             continue
         order = list(KNOBS[task, knob])
         levels.sort(key=lambda v: order.index(v) if v in order else len(order))
@@ -166,7 +167,8 @@ def tables(points: dict[tuple, list[float]], models: tuple[str, ...] = MODELS) -
             for v in levels:
                 control = [np.mean(points[k]) for m in ("fcnn", "fcnn_matched") if (k := (task, knob, v, m)) in points]
                 mine = points.get((task, knob, v, variant))
-                gains.append("–" if not (control and mine) else f"{100 * (np.mean(mine) - max(control)):+.1f}")
+                both = len(control) == 2  # the better of F-CNN and its parameter-matched control
+                gains.append("–" if not (both and mine) else f"{100 * (np.mean(mine) - max(control)):+.1f}")
             if any(g != "–" for g in gains):
                 lines.append(f"| {variant} − best F-CNN (points) | " + " | ".join(gains) + " |")
         lines.append("")
@@ -187,7 +189,7 @@ def figure(points: dict[tuple, list[float]], path: Path, models: tuple[str, ...]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    knobs = [k for k in KNOBS if any(p[:2] == k for p in points)]
+    knobs = [k for k in KNOBS if any(p[:2] == k and p[2] != default_level(*k) for p in points)]
     fig, axes = plt.subplots(1, len(knobs), figsize=(4.2 * len(knobs), 3.6), squeeze=False)
     for ax, (task, knob) in zip(axes[0], knobs, strict=True):
         order = list(KNOBS[task, knob])
