@@ -231,6 +231,7 @@ def run_one(
         "diverged_step": diverged_step,
         "device": jax.devices()[0].device_kind,
         "dtype": m.dtype,
+        "lateral_size": m.lateral.lateral_size,
     }
     if final is None:
         return {**row, "val_accuracy": None, "val_loss": None, "widths": list(m.widths)}

@@ -86,16 +86,22 @@ def failure_table(rows: list[dict], protocols: tuple[str, ...], order: tuple[str
 
 
 def analytic_forward_flops(row: dict) -> float:
-    """Forward FLOPs per image of a study row's model (``models.forward_flops``, 32×32 inputs).
+    """Forward FLOPs per image of a study row's model (``models.forward_flops``, 32×32 inputs; the
+    lateral kernel size from the row, or from its variant's ``_k<n>`` suffix).
     XLA's cost analysis is not used for the tables: on GPU it omits the cuDNN convolution custom calls."""
+    from experiments.configs import variants
     from lateral_jax.core import models
 
     cifar = row["dataset"] == "cifar10"
+    lateral_size = row.get("lateral_size") or variants.overrides(row["variant"]).get("lateral", {}).get(
+        "lateral_size", 3
+    )
     return models.forward_flops(
         row["widths"],
         num_steps=0 if row["kind"] in ("fcnn", "fcnn_matched") else row["num_steps"],
         in_channels=3 if cifar else 1,
         num_classes=10 if cifar else 2,
+        lateral_size=lateral_size,
     )
 
 
