@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import study
+from experiments import study, study_tables
 
 MODELS = ("fcnn", "lccnn_T4", "lceicnn_T4_l1e-3", "lccnn_T4_k5", "lccnn_T4_k7")
 PRESETS = {"stable": "results/study_embedded.jsonl", "paper": "results/study_embedded_paper.jsonl"}
@@ -90,10 +90,7 @@ def _stat(values: list[float]) -> str:
 def table(collected: dict[tuple[str, str], list[dict]]) -> str:
     """Markdown: a column per (model, preset), a row per property; Mexican-hat layers counted."""
     columns = [(m, p) for m in MODELS for p in PRESETS if (m, p) in collected]
-    lines = [
-        "| property | " + " | ".join(f"{m} ({p})" for m, p in columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
+    lines = study_tables.header("property", [f"{m} ({p})" for m, p in columns])
     for label, key, key_t0 in PROPERTIES:
         cells = []
         for column in columns:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import study
+from experiments import study, study_tables
 
 KNOBS: dict[tuple[str, str], tuple[float, ...]] = {
     # fewer aligned elements: harder
@@ -155,8 +155,7 @@ def tables(points: dict[tuple, list[float]], models: tuple[str, ...] = MODELS) -
         lines += [
             f"#### {task}: {knob} (easier → harder; default {default_level(task, knob):g})",
             "",
-            "| model | " + " | ".join(f"{knob} = {v:g}" for v in levels) + " |",
-            "|---|" + "---|" * len(levels),
+            *study_tables.header("model", [f"{knob} = {v:g}" for v in levels]),
         ]
         for variant in models:
             cells = [_cell(points.get((task, knob, v, variant))) for v in levels]

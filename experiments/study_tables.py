@@ -55,6 +55,11 @@ def failure_rates(rows: list[dict]) -> dict[tuple[str, str, str], tuple[int, int
     return out
 
 
+def header(first: str, columns: list[str]) -> list[str]:
+    """The two header lines of a markdown table with the columns ``first, *columns``."""
+    return ["| " + " | ".join([first, *columns]) + " |", "|---|" + "---|" * len(columns)]
+
+
 def failure_table(rows: list[dict], protocols: tuple[str, ...], order: tuple[str, ...] = VARIANTS) -> str:
     """Markdown: per dataset and variant, failed / runs under each protocol (a dash where it has no rows).
 
@@ -67,8 +72,7 @@ def failure_table(rows: list[dict], protocols: tuple[str, ...], order: tuple[str
         lines += [
             f"#### {dataset}: runs within {100 * FAIL_MARGIN:.0f} points of chance",
             "",
-            "| model | " + " | ".join(f"protocol `{p}`" for p in protocols) + " |",
-            "|---|" + "---|" * len(protocols),
+            *header("model", [f"protocol `{p}`" for p in protocols]),
         ]
         for variant in order:
             cells = []

@@ -35,6 +35,7 @@ def test_curves_train_each_level_resume_and_tabulate(tmp_path, capsys):
     assert points["pathfinder", "num_curves", 2.0, "fcnn"] == [0.7]
     points[("pathfinder", "num_curves", 3.0, "lccnn_T4")] = [0.8, 0.9]
     points[("pathfinder", "num_curves", 3.0, "fcnn")] = [0.6, 0.6]
+    points[("pathfinder", "num_curves", 3.0, "fcnn_matched")] = [0.55]  # the gain is over the better control
     table = curves.tables(points)
     assert "| lccnn_T4 | – | 85.0 ± 7.1 (2) | – |" in table
     assert "| lccnn_T4 − best F-CNN (points) | – | +25.0 | – |" in table
