@@ -53,13 +53,23 @@ def group_norm(x: Float[Array, "b h w c"], params: NormParams, num_groups: int, 
     """GroupNorm over (H, W, channels of a group); ``num_groups = 1`` is LayerNorm over (H, W, C).
 
     ``y = (x - mean_g) / sqrt(var_g + eps) * scale + bias``, statistics in float32 (float64 for
-    float64 inputs).
+    float64 inputs), the variance in two passes (``mean_g((x - mean_g)^2)``).  Each statistic is
+    summed over (H, W) first, with the channels as the minor (vectorised) axis, then over the
+    channels of a group: XLA:CPU reduces an NHWC map over a middle axis several times slower
+    (docs/performance.md, "GroupNorm"); the result differs from a one-step mean by float
+    summation order only.
     """
     b, h, w, c = x.shape
-    xg = x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(b, h, w, num_groups, c // num_groups)
-    mean = xg.mean(axis=(1, 2, 4), keepdims=True)
-    var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
-    y = ((xg - mean) * jax.lax.rsqrt(var + eps)).reshape(b, h, w, c)
+    size = c // num_groups
+    count = h * w * size
+
+    def group_mean(v: jax.Array) -> jax.Array:  # [b, h, w, c] -> [b, 1, 1, c], each channel its group's mean
+        sums = v.sum(axis=(1, 2)).reshape(b, num_groups, size).sum(axis=-1) / count
+        return jnp.repeat(sums, size, axis=1).reshape(b, 1, 1, c)
+
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    centred = x32 - group_mean(x32)
+    y = centred * jax.lax.rsqrt(group_mean(jnp.square(centred)) + eps)
     return (y * params.scale.reshape(1, 1, 1, -1) + params.bias.reshape(1, 1, 1, -1)).astype(x.dtype)
 
 
