@@ -333,6 +333,29 @@ def test_two_archives_of_one_name_and_size_never_share_prepared_data(tmp_path):
     assert sorted(int(source_b[i]["image"][0, 0, 0]) for i in range(6)) == [50, 51, 52, 90, 91, 92]
 
 
+def test_processes_preparing_one_archive_at_once_take_turns_and_read_the_same_data(tmp_path):
+    """Two study shards start together on an unprepared archive: one prepares, the other waits for
+    it and reads what it wrote (before the lock, the second crashed on the first's rename)."""
+    archive = _image_tar(tmp_path / "imgs.tar", {"cat": 10, "dog": 200})
+    code = (
+        "import sys; from lateral_jax.training.data import sources; "
+        "s, n = sources.image_folder_source(sys.argv[1], 'train', image_size=8, data_dir=sys.argv[2]); "
+        "print(n, sorted(int(s[i]['image'][0, 0, 0]) for i in range(len(s))))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(archive), str(tmp_path / "tfds")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-800:] for _, err in outs]
+    assert [out.strip().splitlines()[-1] for out, _ in outs] == ["['cat', 'dog'] [10, 11, 12, 200, 201, 202]"] * 2
+
+
 def test_a_corrupt_image_is_named_and_leaves_no_half_prepared_cache(tmp_path):
     archive = _image_tar(tmp_path / "imgs.tar", {"cat": 10, "dog": 200}, corrupt="dog/1.jpeg", fmt="jpeg")
     data_dir = tmp_path / "tfds"

@@ -365,17 +365,31 @@ def image_folder_builder(
 
 
 def prepare(builder: Any) -> None:
-    """Prepares ``builder``'s data; on any failure removes what it wrote (no half-prepared cache)."""
+    """Prepares ``builder``'s data; on any failure removes what it wrote (no half-prepared cache).
+
+    Processes of one machine that prepare the same data at once (the shards of a study) take turns
+    on a lock file in the temporary folder, named by the data's path: the first prepares, the
+    others then find the data prepared and read it.
+    """
+    import fcntl
+    import tempfile
+
     config_dir = Path(builder.data_dir).parent
-    existed = config_dir.exists()
-    try:
-        builder.download_and_prepare(file_format="array_record")
-    except BaseException:
-        if not existed:
-            shutil.rmtree(config_dir, ignore_errors=True)
-            if config_dir.parent.exists() and not any(config_dir.parent.iterdir()):
-                config_dir.parent.rmdir()
-        raise
+    name = hashlib.blake2b(str(config_dir.resolve()).encode(), digest_size=8).hexdigest()
+    with open(Path(tempfile.gettempdir()) / f"lateral_jax-prepare-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if builder.is_prepared():  # another process prepared it while this one waited
+            builder.info.read_from_directory(builder.data_dir)
+            return
+        existed = config_dir.exists()
+        try:
+            builder.download_and_prepare(file_format="array_record")
+        except BaseException:
+            if not existed:
+                shutil.rmtree(config_dir, ignore_errors=True)
+                if config_dir.parent.exists() and not any(config_dir.parent.iterdir()):
+                    config_dir.parent.rmdir()
+            raise
     skipped = getattr(builder, "skipped", [])
     if skipped:
         shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
