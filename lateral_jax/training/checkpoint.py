@@ -102,17 +102,34 @@ class Checkpointer:
         self.manager.reload()
         return target
 
-    def restore(self, target: Any, *, move_unreadable: bool = False) -> tuple[int, Any, dict] | None:
+    def restore(
+        self, target: Any, *, move_unreadable: bool = False, step: int | None = None
+    ) -> tuple[int, Any, dict] | None:
         """``(step, state, data_state)`` from the newest readable checkpoint, or ``None`` if there is none.
 
         ``target`` is a state with the right structure, dtypes and shardings (e.g. a freshly
         initialised one); the restored arrays take its shardings.  Unreadable steps are skipped
         with a warning, and moved aside with ``move_unreadable`` (a training run does, so the
         steps it retrains are saved).  Raises :class:`CheckpointMismatchError` when the newest
-        checkpoint's arrays have other shapes than ``target``'s.
+        checkpoint's arrays have other shapes than ``target``'s.  ``step``: that checkpoint only
+        (a ``ValueError`` listing the saved steps when there is none of it; its read errors raise).
         """
         self.manager.wait_until_finished()
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        if step is not None:
+            if step not in self.all_steps():
+                raise ValueError(
+                    f"step={step} has no checkpoint in {self.directory}; saved steps: {self.all_steps() or 'none'}."
+                )
+            self._check_shapes(step, target)
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+            restored = self.manager.restore(step, args=args)
+            leaves = jax.tree_util.tree_leaves(restored.state)
+            return (
+                step,
+                jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves),
+                dict(restored.data or {}),
+            )
         for step in reversed(self.all_steps()):
             self._check_shapes(step, target)
             try:
