@@ -1,7 +1,7 @@
 """Throughput of the models the studies train, against the reference workload on the same machine.
 
   python -m experiments.bench_models --out results/bench_models_cpu.jsonl
-  python -m experiments.bench_models --only cifar10/lccnn_T4,contour/fcnn --iters 10
+  python -m experiments.bench_models --only cpu/cifar10/lccnn_T4,embedded/contour/fcnn --iters 10
 
 For each study model (a ``(dataset, protocol, variant)`` of ``experiments/study.py``: its own
 ``RunConfig``, model builder, optimiser and batch size) one JSON line with
@@ -21,6 +21,7 @@ shared machine moves the median little.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -31,11 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench, study
-from lateral_jax.core import models
+from lateral_jax.core import layer, models
 from lateral_jax.training import device_epochs, programs, train
 
 # (dataset, protocol, variants): what the CIFAR-10 and embedded-task studies train.
 STUDY_MODELS = (
+    ("cifar10", "cifar_converged", ("fcnn", "fcnn_matched", "lccnn_T4", "lceicnn_T4_l1e-3", "unshared_T4")),
     ("cifar10", "cpu", ("fcnn", "fcnn_matched", "lccnn_T4", "lceicnn_T4_l1e-3", "unshared_T4")),
     ("contour", "embedded", ("fcnn", "fcnn_matched", "lccnn_T4", "lceicnn_T4_l1e-3", "unshared_T4")),
 )
@@ -71,8 +73,22 @@ def reference_row(iters: int) -> dict:
     }
 
 
-def study_row(dataset: str, protocol_name: str, variant: str, iters: int, epoch_batches: int) -> dict:
-    """One study model's step and device-epoch rates (random data of the dataset's shape)."""
+@dataclasses.dataclass
+class Setup:
+    """One study model ready to time: its compiled train step on one fixed batch, and the data."""
+
+    model: object
+    tx: object
+    mesh: object
+    state: object
+    batch: dict
+    images: np.ndarray
+    labels: np.ndarray
+    config: object
+
+
+def setup(dataset: str, protocol_name: str, variant: str, epoch_batches: int) -> Setup:
+    """A study model as the study builds it (``study.run_config``), on random data of the dataset's shape."""
     protocol = study.PROTOCOLS[protocol_name]
     shape = IMAGE_SHAPES[dataset]
     num_classes = 10 if dataset == "cifar10" else 2
@@ -86,34 +102,34 @@ def study_row(dataset: str, protocol_name: str, variant: str, iters: int, epoch_
     n = batch * epoch_batches
     images = rng.standard_normal((n, *shape)).astype(np.float32)
     labels = rng.integers(0, num_classes, (n,)).astype(np.int32)
-    data = train.shard_batch({"image": images[:batch], "label": labels[:batch]}, mesh)
-    step = train.jit_train_step(model, tx, mesh)
+    first = train.shard_batch({"image": images[:batch], "label": labels[:batch]}, mesh)
+    return Setup(model, tx, mesh, state, first, images, labels, config)
+
+
+def compile_step(s: Setup):
+    """``(compiled train step, compile seconds)``."""
     t0 = time.perf_counter()
-    compiled = step.lower(state, data).compile()
-    compile_s = time.perf_counter() - t0
-    step_s, state = median_seconds(lambda s: compiled(s, data)[0], state, iters)
+    compiled = train.jit_train_step(s.model, s.tx, s.mesh).lower(s.state, s.batch).compile()
+    return compiled, time.perf_counter() - t0
 
-    epoch = device_epochs.make_device_epoch(model, tx, mesh, batch_size=batch, augment=dataset == "cifar10")
-    dev_images, dev_labels = train.shard_batch({"image": images, "label": labels}, mesh).values()
+
+def study_row(dataset: str, protocol_name: str, variant: str, iters: int, epoch_batches: int) -> dict:
+    """One study model's step and device-epoch rates (random data of the dataset's shape)."""
+    s = setup(dataset, protocol_name, variant, epoch_batches)
+    batch = len(s.batch["label"])
+    compiled, compile_s = compile_step(s)
+    step_s, state = median_seconds(lambda st: compiled(st, s.batch)[0], s.state, iters)
+    epoch = device_epochs.make_device_epoch(s.model, s.tx, s.mesh, batch_size=batch, augment=dataset == "cifar10")
+    dev_images, dev_labels = train.shard_batch({"image": s.images, "label": s.labels}, s.mesh).values()
     key = jax.random.key(1)
-    epoch_s, _ = median_seconds(lambda s: epoch(s, dev_images, dev_labels, key)[0], state, max(2, iters // 4))
-
-    widths = getattr(model, "widths", config.model.widths)
-    num_steps = getattr(model, "num_steps", 0)
-    forward = models.forward_flops(
-        widths,
-        num_steps=num_steps,
-        in_channels=shape[-1],
-        num_classes=num_classes,
-        lateral_size=config.model.lateral.lateral_size,
-    )
-    gflop = 3 * forward / 1e9
-    step_rate, epoch_rate = batch / step_s, n / epoch_s
+    epoch_s, _ = median_seconds(lambda st: epoch(st, dev_images, dev_labels, key)[0], state, max(2, iters // 4))
+    gflop = train_gflop(s, dataset)
+    step_rate, epoch_rate = batch / step_s, len(s.labels) / epoch_s
     return {
         "model": f"{dataset}/{variant}",
         "protocol": protocol_name,
-        "widths": list(widths),
-        "num_steps": num_steps,
+        "widths": list(getattr(s.model, "widths", s.config.model.widths)),
+        "num_steps": getattr(s.model, "num_steps", 0),
         "batch": batch,
         "train_gflop_per_image": round(gflop, 4),
         "compile_s": round(compile_s, 2),
@@ -124,32 +140,118 @@ def study_row(dataset: str, protocol_name: str, variant: str, iters: int, epoch_
     }
 
 
+def train_gflop(s: Setup, dataset: str) -> float:
+    """3 × the analytic forward FLOPs of the set-up model, in GFLOP per image."""
+    shape = IMAGE_SHAPES[dataset]
+    forward = models.forward_flops(
+        getattr(s.model, "widths", s.config.model.widths),
+        num_steps=getattr(s.model, "num_steps", 0),
+        in_channels=shape[-1],
+        num_classes=10 if dataset == "cifar10" else 2,
+        lateral_size=s.config.model.lateral.lateral_size,
+    )
+    return 3 * forward / 1e9
+
+
+def ab_norm_row(dataset: str, protocol_name: str, variant: str, pairs: int, min_block_s: float) -> dict:
+    """``--ab-norm``: the model's step with :func:`layer.group_norm` against the same step with the
+    one-step reference :func:`layer.group_norm_direct`, in ``pairs`` alternating blocks of steps
+    (who goes first alternates), so a slow spell of the machine slows both."""
+    s = setup(dataset, protocol_name, variant, 1)
+    fast, _ = compile_step(s)
+    original = layer.group_norm
+    layer.group_norm = layer.group_norm_direct
+    try:
+        direct, _ = compile_step(s)
+    finally:
+        layer.group_norm = original
+    if fast.as_text() == direct.as_text():
+        raise RuntimeError("the two programs are identical: the reference norm was not traced")
+    steps = {}
+    state = {"fast": s.state, "direct": jax.tree_util.tree_map(jnp.copy, s.state)}  # the step donates its state
+    for name, fn in (("fast", fast), ("direct", direct)):  # warm-up, and the block length
+        t0 = time.perf_counter()
+        state[name] = fn(state[name], s.batch)[0]
+        jax.block_until_ready(state[name])
+        steps[name] = time.perf_counter() - t0
+    block = max(1, int(min_block_s / min(steps.values())))
+    ratios, rates = [], {"fast": [], "direct": []}
+    for pair in range(pairs):
+        order = ("fast", "direct") if pair % 2 == 0 else ("direct", "fast")
+        took = {}
+        for name in order:
+            fn = fast if name == "fast" else direct
+            t0 = time.perf_counter()
+            for _ in range(block):
+                state[name] = fn(state[name], s.batch)[0]
+            jax.block_until_ready(state[name])
+            took[name] = (time.perf_counter() - t0) / block
+            rates[name].append(len(s.batch["label"]) / took[name])
+        ratios.append(took["direct"] / took["fast"])
+    q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+    return {
+        "ab_norm": f"{dataset}/{variant}",
+        "protocol": protocol_name,
+        "batch": len(s.batch["label"]),
+        "pairs": pairs,
+        "block": block,
+        "images_per_s_direct": round(float(np.median(rates["direct"])), 1),
+        "images_per_s_fast": round(float(np.median(rates["fast"])), 1),
+        "speedup_median": round(float(median), 3),
+        "speedup_quartiles": [round(float(q1), 3), round(float(q3), 3)],
+        "faster_in": f"{sum(r > 1 for r in ratios)}/{pairs}",
+    }
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=int, default=8, help="timed steps per model (median)")
     p.add_argument("--epoch-batches", type=int, default=8, help="batches in the timed device epoch")
-    p.add_argument("--only", default=None, help="comma-separated dataset/variant names (default: every study model)")
+    p.add_argument(
+        "--only", default=None, help="comma-separated protocol/dataset/variant names (default: every study model)"
+    )
     p.add_argument("--no-reference", action="store_true", help="skip the reference workload (no roof_fraction)")
+    p.add_argument(
+        "--ab-norm",
+        type=int,
+        default=0,
+        metavar="PAIRS",
+        help="instead: each model with layer.group_norm against layer.group_norm_direct, PAIRS alternating blocks",
+    )
     p.add_argument("--out", default=None, help="append the JSON lines to this file too")
     args = p.parse_args(argv)
     wanted = None if args.only is None else set(args.only.split(","))
     rows = [{"env": bench.env_header()}]
     print(json.dumps(rows[0]), flush=True)
+    if args.ab_norm:
+        for dataset, protocol, names in STUDY_MODELS:
+            for variant in names:
+                if variant.startswith("fcnn") and wanted is None:
+                    continue  # no lateral norms in the loop: the same program but for the drive norm
+                if wanted is None or f"{protocol}/{dataset}/{variant}" in wanted:
+                    rows.append(ab_norm_row(dataset, protocol, variant, args.ab_norm, 1.0))
+                    print(json.dumps(rows[-1]), flush=True)
+        _write(args.out, rows)
+        return
     reference = None if args.no_reference else reference_row(args.iters)
     if reference:
         rows.append(reference)
         print(json.dumps(reference), flush=True)
     for dataset, protocol, names in STUDY_MODELS:
         for variant in names:
-            if wanted is not None and f"{dataset}/{variant}" not in wanted:
+            if wanted is not None and f"{protocol}/{dataset}/{variant}" not in wanted:
                 continue
             row = study_row(dataset, protocol, variant, args.iters, args.epoch_batches)
             if reference:
                 row["roof_fraction"] = round(row["gflop_per_s"] / reference["gflop_per_s"], 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.out:
-        with Path(args.out).open("a") as f:
+    _write(args.out, rows)
+
+
+def _write(path: str | None, rows: list[dict]) -> None:
+    if path:
+        with Path(path).open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
 

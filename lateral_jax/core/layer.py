@@ -73,6 +73,20 @@ def group_norm(x: Float[Array, "b h w c"], params: NormParams, num_groups: int, 
     return (y * params.scale.reshape(1, 1, 1, -1) + params.bias.reshape(1, 1, 1, -1)).astype(x.dtype)
 
 
+def group_norm_direct(
+    x: Float[Array, "b h w c"], params: NormParams, num_groups: int, eps: float = 1e-5
+) -> jax.Array:
+    """:func:`group_norm` with each statistic reduced in one step over (H, W, channels of a group)
+    of a ``[B, H, W, G, C/G]`` view: the reference the tests and ``experiments.bench_models
+    --ab-norm`` compare :func:`group_norm` with (equal up to float summation order)."""
+    b, h, w, c = x.shape
+    xg = x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(b, h, w, num_groups, c // num_groups)
+    mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+    var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
+    y = ((xg - mean) * jax.lax.rsqrt(var + eps)).reshape(b, h, w, c)
+    return (y * params.scale.reshape(1, 1, 1, -1) + params.bias.reshape(1, 1, 1, -1)).astype(x.dtype)
+
+
 def normalise(x: jax.Array, params: NormParams | None, kind: Norm, num_groups: int) -> jax.Array:
     """``x`` unchanged (``"none"``), GroupNorm (``"group"``) or LayerNorm (``"layer"``)."""
     if kind == "none":
