@@ -218,10 +218,18 @@ def main(argv=None) -> None:
         metavar="PAIRS",
         help="instead: each model with layer.group_norm against layer.group_norm_direct, PAIRS alternating blocks",
     )
+    p.add_argument(
+        "--compile-cache",
+        default=None,
+        metavar="DIR",
+        help="use JAX's persistent compilation cache in DIR (run twice: the second run's compile_s is a cache load)",
+    )
     p.add_argument("--out", default=None, help="append the JSON lines to this file too")
     args = p.parse_args(argv)
     wanted = None if args.only is None else set(args.only.split(","))
-    rows = [{"env": bench.env_header()}]
+    if args.compile_cache:
+        programs.enable_compilation_cache(args.compile_cache)
+    rows = [{"env": {**bench.env_header(), "compile_cache": args.compile_cache}}]
     print(json.dumps(rows[0]), flush=True)
     if args.ab_norm:
         for dataset, protocol, names in STUDY_MODELS:

@@ -35,7 +35,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments.configs import base
-from lateral_jax.training import checkpoint, run, train
+from lateral_jax.training import checkpoint, programs, run, train
 from lateral_jax.training.config import RunConfig, to_dict
 from lateral_jax.training.data import sources
 from lateral_jax.training.rundir import ON_CONFIG_CHANGE
@@ -225,6 +225,7 @@ def main(argv):
         for variant, run_config in the_plan.run_configs.items():
             print(json.dumps({"variant": variant, "workdir": str(the_plan.workdir / variant), **to_dict(run_config)}))
         return
+    programs.enable_compilation_cache()
     if fv.coordinator:
         jax.distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id)
     elif fv.distributed:

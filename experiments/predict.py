@@ -43,7 +43,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    from lateral_jax.training import predict
+    from lateral_jax.training import predict, programs
+
+    programs.enable_compilation_cache()
 
     try:
         result = predict.predict(

@@ -319,8 +319,10 @@ def main(argv=None) -> None:
     if args.analyze:
         analyze_runs(out, args.datasets.split(","), protocol)
         return
-    from lateral_jax.training import checkpoint, run
+    from lateral_jax.training import checkpoint, programs, run
     from lateral_jax.training.data import sources
+
+    programs.enable_compilation_cache()
 
     try:
         finished = run_study(

@@ -325,3 +325,23 @@ def test_the_report_gives_each_models_mean_and_std_over_its_seeds(tmp_path):
     assert "**Best (mean):** `lccnn` with 0.8500 (F-CNN: 0.6500, difference +0.2000)." in text
     assert "| lccnn_seed2 | not finished |" in text
     assert report._parse_groups(["fcnn=a,b", "lccnn"]) == {"fcnn": ["a", "b"], "lccnn": ["lccnn"]}
+
+
+def test_the_entry_points_compilation_cache_folder_follows_the_environment(tmp_path, monkeypatch):
+    import jax
+
+    from lateral_jax.training import programs
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.setenv(programs.COMPILATION_CACHE_ENV, "off")
+        assert programs.enable_compilation_cache() is None and jax.config.jax_compilation_cache_dir == before
+        monkeypatch.setenv(programs.COMPILATION_CACHE_ENV, str(tmp_path / "env"))
+        assert programs.enable_compilation_cache() == str(tmp_path / "env")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "env")
+        monkeypatch.delenv(programs.COMPILATION_CACHE_ENV)
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+        assert programs.enable_compilation_cache() == str(tmp_path / "jax")
+        assert programs.enable_compilation_cache(tmp_path / "arg") == str(tmp_path / "arg")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -73,9 +73,7 @@ def group_norm(x: Float[Array, "b h w c"], params: NormParams, num_groups: int, 
     return (y * params.scale.reshape(1, 1, 1, -1) + params.bias.reshape(1, 1, 1, -1)).astype(x.dtype)
 
 
-def group_norm_direct(
-    x: Float[Array, "b h w c"], params: NormParams, num_groups: int, eps: float = 1e-5
-) -> jax.Array:
+def group_norm_direct(x: Float[Array, "b h w c"], params: NormParams, num_groups: int, eps: float = 1e-5) -> jax.Array:
     """:func:`group_norm` with each statistic reduced in one step over (H, W, channels of a group)
     of a ``[B, H, W, G, C/G]`` view: the reference the tests and ``experiments.bench_models
     --ab-norm`` compare :func:`group_norm` with (equal up to float summation order)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,30 @@ from lateral_jax.core import dynamics, models
 from lateral_jax.training import device_epochs, train
 from lateral_jax.training.config import ModelConfig
 from lateral_jax.training.train import OptimizerConfig
+
+COMPILATION_CACHE_ENV = "LATERAL_JAX_COMPILATION_CACHE"
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache for this process and returns its folder.
+
+    A second process that compiles the same program (a rerun of the main job, the next shard of a
+    study, ``predict``) loads the executable instead of compiling it again; the program and hence
+    every number are the same.  The folder: ``directory``, else ``$LATERAL_JAX_COMPILATION_CACHE``,
+    else ``$JAX_COMPILATION_CACHE_DIR``, else ``~/.cache/lateral_jax/jax``;
+    ``LATERAL_JAX_COMPILATION_CACHE=off`` turns it off (returns ``None``).  Only programs that took
+    at least a second to compile are written.  The library never calls this itself: the entry
+    points in ``experiments/`` do, a user's own code may.
+    """
+    setting = os.environ.get(COMPILATION_CACHE_ENV, "")
+    if directory is None and setting.lower() in ("off", "0", "false", "no"):
+        return None
+    folder = directory or setting or os.environ.get("JAX_COMPILATION_CACHE_DIR") or "~/.cache/lateral_jax/jax"
+    folder = os.path.expanduser(str(folder))
+    jax.config.update("jax_compilation_cache_dir", folder)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return folder
 
 
 def build_model(config: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -> Any:
