@@ -28,6 +28,9 @@ import numpy as np
 
 from lateral_jax.training import checkpoint, train
 from lateral_jax.training.data import pipeline, sources
+from lateral_jax.training.datasets import build_data
+from lateral_jax.training.programs import build_model
+from lateral_jax.training.run import load_run_config
 from lateral_jax.training.rundir import atomic_write_text
 
 BadImages = Literal["error", "skip"]
@@ -220,10 +223,6 @@ def predict(
     ``channels="convert"`` converts grey-level images for a colour run and back, as the training
     pipeline does, instead of refusing them.
     """
-    from lateral_jax.training.datasets import build_data
-    from lateral_jax.training.programs import build_model
-    from lateral_jax.training.run import load_run_config
-
     if channels not in ("error", "convert"):
         raise ValueError(f"channels={channels!r} must be 'error' or 'convert'.")
     if batch_size < 1:
