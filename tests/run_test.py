@@ -151,6 +151,18 @@ def test_nan_stops_with_an_error_naming_the_step_and_keeps_the_good_checkpoint(t
         ),
         ({"model": run.ModelConfig(excitatory_fraction=1.2)}, "excitatory_fraction=1.2 is outside"),
         ({"batch_size": 12}, "batch_size=12 is not divisible by the 8 devices"),
+        ({"keep_checkpoints": 0}, r"keep_checkpoints=0 must be a whole number >= 1 \(a run keeps at least"),
+        ({"checkpoint_every": -1}, r"checkpoint_every=-1 must be a whole number >= 0"),
+        ({"spectral_images": -1}, r"spectral_images=-1 must be a whole number >= 0"),
+        ({"num_epochs": float("nan")}, r"num_epochs=nan must be a finite number > 0"),
+        ({"num_epochs": float("inf")}, r"num_epochs=inf must be a finite number > 0"),
+        ({"model": run.ModelConfig(widths=8)}, r"widths=8 must be a non-empty tuple of channel counts"),
+        ({"model": run.ModelConfig(widths=())}, r"widths=\(\) must be a non-empty tuple"),
+        ({"model": run.ModelConfig(num_steps=-1)}, r"num_steps=-1 must be a whole number >= 0"),
+        (
+            {"model": run.ModelConfig(widths=(12,), lateral=LateralConfig.stable(num_groups=8))},
+            r"num_groups=8 does not divide width\(s\) \[12\] of widths=\(12,\)",
+        ),
     ],
 )
 def test_config_validation(tmp_path, overrides, match):

@@ -118,7 +118,9 @@ def test_batch_not_divisible_by_devices():
     [
         ({"name": "lamb"}, "optimizer name='lamb' is not supported"),
         ({"schedule": "step"}, "schedule='step' is not supported"),
-        ({"learning_rate": -1.0}, "learning_rate=-1.0 must be > 0"),
+        ({"learning_rate": -1.0}, "learning_rate=-1.0 must be a finite number > 0"),
+        ({"learning_rate": float("nan")}, "learning_rate=nan must be a finite number > 0"),
+        ({"weight_decay": float("inf")}, "weight_decay=inf must be a finite number >= 0"),
         ({"grad_clip_norm": 0.0}, "grad_clip_norm=0.0 must be > 0 or None"),
     ],
 )

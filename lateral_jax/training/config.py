@@ -192,14 +192,48 @@ def validate(config: RunConfig) -> None:
     ei.check_fraction(m.excitatory_fraction)
     if m.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype={m.dtype!r} must be 'float32' or 'bfloat16'.")
-    if config.batch_size < 1:
-        raise ValueError(f"batch_size={config.batch_size!r} must be >= 1.")
-    if config.num_epochs <= 0:
-        raise ValueError(f"num_epochs={config.num_epochs!r} must be > 0.")
+    _check_widths(m)
+    _check_counts(config)
+    if not 0 < config.num_epochs < float("inf"):  # NaN fails too
+        raise ValueError(f"num_epochs={config.num_epochs!r} must be a finite number > 0.")
     if config.device_data and config.num_epochs != int(config.num_epochs):
         raise ValueError(
             f"num_epochs={config.num_epochs!r} must be a whole number with device_data=True (one call per epoch)."
         )
+
+
+def _check_widths(m: ModelConfig) -> None:
+    """Widths are a non-empty tuple of positive channel counts; GroupNorm's groups divide each."""
+    if not isinstance(m.widths, tuple | list) or not m.widths:
+        raise ValueError(
+            f"widths={m.widths!r} must be a non-empty tuple of channel counts, one per stage, e.g. (16, 32, 64)."
+        )
+    if any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in m.widths):
+        raise ValueError(f"widths={m.widths!r} must hold whole numbers >= 1 (channels per stage).")
+    if not isinstance(m.num_steps, int) or m.num_steps < 0:
+        raise ValueError(f"num_steps={m.num_steps!r} must be a whole number >= 0 (T, the lateral loops).")
+    if m.kind != "lateral_resnet" and "group" in (m.lateral.drive_norm, m.lateral.loop_norm):
+        bad = [w for w in m.widths if w % m.lateral.num_groups]
+        if bad:
+            raise ValueError(
+                f"num_groups={m.lateral.num_groups} does not divide width(s) {bad} of widths={tuple(m.widths)}; "
+                "pick num_groups dividing every width, or widths that are multiples of it."
+            )
+
+
+def _check_counts(config: RunConfig) -> None:
+    """Sizes and intervals: whole numbers in range, named with the fix."""
+    for name, low, meaning in (
+        ("batch_size", 1, "examples per step"),
+        ("keep_checkpoints", 1, "a run keeps at least its last checkpoint: its trained weights"),
+        ("log_every", 0, "steps; 0: once per epoch"),
+        ("eval_every", 0, "steps; 0: once per epoch"),
+        ("checkpoint_every", 0, "steps; 0: once per epoch"),
+        ("spectral_images", 0, "0: no spectral radii at evaluation"),
+    ):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name}={value!r} must be a whole number >= {low} ({meaning}).")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -125,8 +125,10 @@ class OptimizerConfig:
             raise ValueError(f"ema_decay={self.ema_decay!r} must lie in [0, 1) (or None: no weight EMA).")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule={self.schedule!r} is not supported; choose 'constant' or 'cosine'.")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate={self.learning_rate!r} must be > 0.")
+        if not 0 < self.learning_rate < float("inf"):  # NaN fails too
+            raise ValueError(f"learning_rate={self.learning_rate!r} must be a finite number > 0.")
+        if not 0 <= self.weight_decay < float("inf"):
+            raise ValueError(f"weight_decay={self.weight_decay!r} must be a finite number >= 0.")
         if self.total_steps < 1:
             raise ValueError(f"total_steps={self.total_steps!r} must be >= 1.")
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
