@@ -5,6 +5,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,8 +106,12 @@ def test_kill_minus_nine_then_resume_equals_an_uninterrupted_run(tmp_path):
     first = sorted(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit())
     assert first and first[-1] < 48, f"killed after step {first}; the run has 48 steps"
     assert (killed_dir / "config.json").exists() and not (killed_dir / "final.json").exists()
-    for d in (killed_dir, clean_dir):  # resume the killed run; run a clean one
-        subprocess.run([sys.executable, str(script), str(d)], env=env, check=True, capture_output=True)
+    outs = [  # resume the killed run; run a clean one
+        subprocess.run([sys.executable, str(script), str(d)], env=env, check=True, capture_output=True, text=True)
+        for d in (killed_dir, clean_dir)
+    ]
+    resumed = re.findall(r"resumed from the checkpoint at step (\d+) of 48", outs[0].stdout)
+    assert len(resumed) == 1 and int(resumed[0]) in first and "resumed" not in outs[1].stdout
     config = dataclasses.replace(tiny_config(), num_epochs=12.0)
     step_k, params_k, data_k = final_params(killed_dir, config)
     step_c, params_c, data_c = final_params(clean_dir, config)

@@ -310,6 +310,8 @@ def _train_in(config: RunConfig, folder: RunFolder) -> dict[str, Any]:
             _, state, data_state = restored
             r.feed.set_state(data_state)
         start = int(state.step)
+        if restored is not None and r.is_main:
+            print(f"{folder.path}: resumed from the checkpoint at step {start} of {r.total_steps}", flush=True)
         if start < r.total_steps and r.is_main:
             folder.clear_final()
         r.writer = MetricWriter(folder.path, resume_step=start, enabled=r.is_main)
