@@ -21,13 +21,18 @@ command to resume.
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":  # SIGTERM while starting up (imports, data, compiling) is a preemption too: exit 75
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(75))  # training replaces it: save, then 75
+
 import dataclasses
 import importlib.util
 import json
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 
 import ml_collections
