@@ -2,6 +2,7 @@
 overrides, image caches, divergence and implicit-mode convergence (docs/training.md, "Guarantees")."""
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 from run_test import ROOT, tiny_config
 
 from experiments import main as main_cli
@@ -346,6 +348,45 @@ def test_two_archives_of_one_name_and_size_never_share_prepared_data(tmp_path):
     source_b, names_b = sources.image_folder_source(str(b), "train", image_size=8, data_dir=data_dir)
     assert (names_a, names_b) == (["cat", "dog"], ["ant", "bee"])
     assert sorted(int(source_b[i]["image"][0, 0, 0]) for i in range(6)) == [50, 51, 52, 90, 91, 92]
+
+
+def test_a_run_does_not_resume_on_an_archive_replaced_in_place(tmp_path):
+    """The run folder keeps the archive's content fingerprint (data.json): the same path with other
+    images is another run, refused naming the fingerprints, or moved aside on request."""
+    archive = tmp_path / "imgs.tar"
+    config = dataclasses.replace(
+        tiny_config(
+            data=run.DataConfig(
+                dataset="image_folder", archive=str(archive), image_size=8, data_dir=str(tmp_path / "t")
+            )
+        ),
+        model=run.ModelConfig(kind="lccnn", widths=(4,), num_steps=1, lateral=LateralConfig.stable(num_groups=4)),
+        batch_size=8,
+        num_epochs=1.0,
+    )
+
+    def write_archive(levels):
+        with tarfile.open(archive, "w") as tar:
+            for cls, level in levels.items():
+                for i in range(16):
+                    buffer = io.BytesIO()
+                    Image.fromarray(np.full((8, 8, 3), level + i, np.uint8)).save(buffer, format="PNG")
+                    info = tarfile.TarInfo(f"{cls}/{i}.png")
+                    info.size = len(buffer.getvalue())
+                    tar.addfile(info, io.BytesIO(buffer.getvalue()))
+
+    write_archive({"cat": 10, "dog": 200})
+    run.train_and_evaluate(config, tmp_path / "run")
+    first = json.loads((tmp_path / "run" / "data.json").read_text())["data.archive content"]
+    assert first == sources.archive_fingerprint(archive)
+    write_archive({"cat": 60, "dog": 120})  # same path, same classes, other images
+    longer = dataclasses.replace(config, num_epochs=2.0)
+    with pytest.raises(run.ConfigMismatchError) as e:
+        run.train_and_evaluate(longer, tmp_path / "run")
+    assert f"data.archive content: {first!r} (in the folder) → {sources.archive_fingerprint(archive)!r}" in str(e.value)
+    with pytest.warns(UserWarning, match="moved to"):
+        result = run.train_and_evaluate(longer, tmp_path / "run", on_config_change="move_aside")
+    assert result["steps"] == 2 * (len(run.build_data(longer.data, 0).train) // 8)
 
 
 def test_processes_preparing_one_archive_at_once_take_turns_and_read_the_same_data(tmp_path):

@@ -42,7 +42,7 @@ from lateral_jax.training.config import (
     to_dict,
     validate,
 )
-from lateral_jax.training.data import pipeline
+from lateral_jax.training.data import pipeline, sources
 from lateral_jax.training.datasets import Data, build_data
 from lateral_jax.training.divergence import DivergenceError, DivergenceMonitor
 from lateral_jax.training.feeds import DeviceFeed, HostFeed
@@ -291,13 +291,25 @@ def train_and_evaluate(
     is_main = jax.process_index() == 0
     with RunFolder(workdir, enabled=is_main) as folder:
         moved = folder.claim(
-            to_dict(config), on_config_change=on_config_change, normalise=lambda old: to_dict(from_dict(old))
+            to_dict(config),
+            on_config_change=on_config_change,
+            normalise=lambda old: to_dict(from_dict(old)),
+            data_identity=data_identity(config.data),
         )
         if moved is not None:
             warnings.warn(f"{workdir} held a run of another config; it was moved to {moved}.", stacklevel=2)
         if jax.process_count() > 1:  # every process starts after process 0 settled the folder
             multihost_utils.sync_global_devices("lateral_jax.run_folder")
         return _train_in(config, folder)
+
+
+def data_identity(config: DataConfig) -> dict[str, str] | None:
+    """What identifies a run's data beyond its config: the content fingerprint of an image archive
+    or folder (:func:`~lateral_jax.training.data.sources.archive_fingerprint`), so a run does not
+    resume on an archive replaced in place; ``None`` for data its config determines."""
+    if config.dataset == "image_folder" and config.archive:
+        return {"data.archive content": sources.archive_fingerprint(config.archive)}
+    return None
 
 
 def _train_in(config: RunConfig, folder: RunFolder) -> dict[str, Any]:

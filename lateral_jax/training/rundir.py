@@ -191,6 +191,7 @@ class RunFolder:
         *,
         on_config_change: OnConfigChange = "error",
         normalise: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        data_identity: dict[str, str] | None = None,
     ) -> Path | None:
         """Makes the folder the run of ``config`` (a :func:`~lateral_jax.training.config.to_dict`);
         returns where an old run was moved, if one was.
@@ -198,20 +199,38 @@ class RunFolder:
         ``normalise`` maps the folder's stored config to the current form (e.g. fills fields that
         a config written by an older version lacks with their defaults) before the comparison.
         Raises :class:`ConfigMismatchError` when the folder holds checkpoints of another config
-        (``on_config_change="error"``).
+        (``on_config_change="error"``).  ``data_identity`` (e.g. ``{"data.archive content":
+        <fingerprint>}``) is kept in ``data.json``; checkpoints trained on data of another identity
+        count as another config (a folder without ``data.json``, written by an older version, is
+        not checked).
         """
         if on_config_change not in ON_CONFIG_CHANGE:
             raise ValueError(f"on_config_change={on_config_change!r} must be one of {ON_CONFIG_CHANGE}.")
         moved = None
         if self.has_checkpoints():
-            differences = self._differences(config, normalise)
+            differences = {**self._differences(config, normalise), **self._data_differences(data_identity)}
             if differences:
                 if on_config_change == "error":
                     raise ConfigMismatchError(self._mismatch_message(differences), differences)
                 moved = self.move_aside() if self.enabled else None
         if self.enabled:
             atomic_write_text(self.config_path, json.dumps(config, indent=2, default=str))
+            if data_identity:
+                atomic_write_text(self.data_path, json.dumps(data_identity, indent=2))
         return moved
+
+    @property
+    def data_path(self) -> Path:
+        return self.path / "data.json"
+
+    def _data_differences(self, identity: dict[str, str] | None) -> dict[str, tuple[Any, Any]]:
+        if not identity or not self.data_path.exists():
+            return {}
+        try:
+            old = json.loads(self.data_path.read_text())
+        except ValueError:
+            return {"data.json": ("<unreadable>", identity)}
+        return {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
 
     def _differences(self, config: dict[str, Any], normalise) -> dict[str, tuple[Any, Any]]:
         if not self.config_path.exists():
