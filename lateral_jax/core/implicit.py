@@ -26,8 +26,33 @@ from lateral_jax.core.layer import fixed_point_map, initial_state, relative_chan
 from lateral_jax.core.params import LateralParams
 
 
+def varying_axes(x: jax.Array) -> tuple[str, ...]:
+    """The mesh axes along which ``x`` varies inside ``jax.shard_map`` (``()`` outside it)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; older releases call it ``vma``
+    axes = getattr(manual, "varying", None) if manual is not None else getattr(aval, "vma", None)
+    return tuple(sorted(axes or ()))
+
+
+def global_relative_change(new: jax.Array, old: jax.Array) -> jax.Array:
+    """:func:`~lateral_jax.core.layer.relative_change` of the whole batch: inside ``jax.shard_map``
+    the squared norms are summed over the axes the batch is split along (``psum``), so every device
+    gets the number one device gets for the whole batch, and the iteration stops at the same step
+    on every device."""
+    axes = varying_axes(new)
+    if not axes:
+        return relative_change(new, old)
+    new32, old32 = new.astype(jnp.float32), old.astype(jnp.float32)
+    diff = jax.lax.psum(jnp.sum(jnp.square(new32 - old32)), axes)
+    norm = jax.lax.psum(jnp.sum(jnp.square(new32)), axes)
+    return jnp.sqrt(diff) / jnp.maximum(jnp.sqrt(norm), 1e-12)
+
+
 def iterate(fn, x0: jax.Array, tol: float, max_steps: int) -> tuple[jax.Array, jax.Array]:
-    """Fixed-point iteration ``x ← fn(x)`` until the relative change < tol; returns (x, change)."""
+    """Fixed-point iteration ``x ← fn(x)`` until the relative change < tol; returns (x, change).
+
+    The change is the whole batch's (:func:`global_relative_change`), also under ``jax.shard_map``.
+    """
 
     def cond(carry):
         i, _, change = carry
@@ -36,7 +61,7 @@ def iterate(fn, x0: jax.Array, tol: float, max_steps: int) -> tuple[jax.Array, j
     def body(carry):
         i, x, _ = carry
         new = fn(x)
-        return i + 1, new, relative_change(new, x)
+        return i + 1, new, global_relative_change(new, x)
 
     _, x, change = jax.lax.while_loop(cond, body, (jnp.array(0), x0, jnp.array(jnp.inf, jnp.float32)))
     return x, change
@@ -109,7 +134,7 @@ def fixed_point(
     """
     a_star = _solve(params, drive, config, tol, max_steps)
     a_sg = jax.lax.stop_gradient(a_star)
-    residual = relative_change(
+    residual = global_relative_change(
         fixed_point_map(jax.lax.stop_gradient(params), jax.lax.stop_gradient(drive), a_sg, config), a_sg
     )
     if warn:
