@@ -102,7 +102,12 @@ class Plan:
 
 def _config_spec(argv: list[str]) -> tuple[str, str]:
     """``(path, variant)`` of the ``--config=path[:variant]`` in ``argv`` (or the default)."""
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), DEFAULT_CONFIG)
+    spec = DEFAULT_CONFIG
+    for i, arg in enumerate(argv):  # --config=path[:variant] or --config path[:variant]
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
     path, _, variant = spec.partition(":")
     return path, variant
 
@@ -142,13 +147,32 @@ def parse_flags(fv: flags.FlagValues, argv: list[str]) -> list[str]:
         raise UsageError(f"--config={path!r}: no such config file; pass one of experiments/configs/*.py[:variant].")
     try:
         define_flags(fv, argv)  # with no --config=..., the config's overrides are applied here
-        return fv(argv)
+        rest = fv(argv)
+        _check_tuple_overrides(fv.config, argv)
+        return rest
     except (AttributeError, KeyError, TypeError, IndexError) as e:  # an override of a field the config lacks
         raise UsageError(_unknown_override(argv) or f"bad config override: {e}") from None
     except flags.Error as e:
         lines = [line for line in str(e).splitlines() if line.strip()]
         message = lines[-1] if "Traceback" in str(e) else lines[0]  # a config file's error: its last line
         raise UsageError(re.sub(r"^\w+(Error|Exception): ", "", message)) from None
+
+
+def _check_tuple_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None:
+    """A tuple field overridden by a bare value (``--config.model.widths=8``, which ml_collections
+    reads as the 1-tuple ``(8,)``) is refused: the tuple must be written out."""
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if not (eq and name.startswith("--config.")):
+            continue
+        node: object = config
+        for part in name[len("--config.") :].split("."):
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if isinstance(node, tuple) and not value.strip().startswith(("(", "[")):
+            raise UsageError(
+                f"{name}={value}: {name[2:]} is a tuple; write it out, e.g. {name}='({value.strip()},)' for "
+                "one element."
+            )
 
 
 def plan(fv: flags.FlagValues) -> Plan:
@@ -251,7 +275,7 @@ def main(argv):
     )
     try:
         finished = _train_all(the_plan, fv.on_config_change)
-    except (run.RunFolderError, checkpoint.CheckpointMismatchError, sources.BadImageError, FileNotFoundError) as e:
+    except (run.RunFolderError, checkpoint.CheckpointMismatchError, sources.DataError, FileNotFoundError) as e:
         _refuse(str(e))
     except (train.NonFiniteLossError, run.DivergenceError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -215,6 +215,32 @@ def test_bad_command_lines_exit_2_with_one_line_naming_the_fix():
     ]
 
 
+@pytest.mark.parametrize("case", ["batch_larger_than_data", "empty_archive", "one_class_archive"])
+def test_data_that_cannot_serve_the_run_exits_2_with_one_line(tmp_path, case):
+    """Found only once the data is read, and refused like a bad flag: exit 2, one line, no traceback."""
+    archive = tmp_path / "imgs.tar"
+    with tarfile.open(archive, "w") as tar:
+        for i in range(0 if case == "empty_archive" else 12):
+            buffer = io.BytesIO()
+            Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(buffer, format="PNG")
+            info = tarfile.TarInfo(f"cat/{i}.png")
+            info.size = len(buffer.getvalue())
+            tar.addfile(info, io.BytesIO(buffer.getvalue()))
+    cmd = [sys.executable, "-m", "experiments.main", "--only", "lccnn", "--workdir", str(tmp_path / "run")]
+    cmd += ["--noanalyze", "--no_report"]
+    if case == "batch_larger_than_data":
+        cmd += ["--config", "experiments/configs/contour.py:smoke", "--config.batch_size=4096"]
+        want = r"batch_size=4096 exceeds the \d+ training examples; pass a smaller batch_size"
+    else:
+        cmd += ["--config", "experiments/configs/natural_images.py:smoke", f"--config.data.archive={archive}"]
+        cmd += [f"--config.data.data_dir={tmp_path / 'tfds'}"]
+        want = "no images found in" if case == "empty_archive" else r"holds 1 class\(es\) \['cat'\]"
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == run.EXIT_REFUSED, proc.stderr[-2000:]
+    assert len(errors) == 1 and re.search(want, errors[0]) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # Configs say what runs
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +261,11 @@ def test_bad_command_lines_exit_2_with_one_line_naming_the_fix():
         (["--config.model.num_steps=abc"], "invalid literal for int"),
         (["--only=lccnx"], "variant 'lccnx' is not a valid name"),
         (["--config.model.kind=lccnn"], "choose models with --only \\(e.g. --only lccnn\\), not --config.model.kind"),
+        (["--config", "nofile.py"], "--config='nofile.py': no such config file"),
+        (["--config.model.widths=8"], r"config.model.widths is a tuple; write it out, e.g. .*widths='\(8,\)'"),
+        (["--config.model.num_steps=-1"], r"num_steps=-1 must be a whole number >= 0"),
+        (["--config.keep_checkpoints=0"], r"keep_checkpoints=0 must be a whole number >= 1"),
+        (["--config.num_epochs=nan"], r"num_epochs=nan must be a finite number > 0"),
     ],
 )
 def test_bad_flags_are_refused_before_anything_runs(argv, match):

@@ -89,7 +89,7 @@ def build_data(config: DataConfig, seed: int) -> Data:
             config.archive, image_size=config.image_size, data_dir=config.data_dir, bad_images=config.bad_images
         )
         if len(names) < 2:
-            raise ValueError(
+            raise sources.DataError(
                 f"archive={config.archive!r} holds {len(names)} class(es) {list(names)}; a classifier needs at "
                 "least two <class>/<image> folders."
             )

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from lateral_jax.training.data.sources import DataError
+
 
 @dataclasses.dataclass(frozen=True)
 class Normalisation:
@@ -142,7 +144,10 @@ def _decode(normalisation: Normalisation, crop_size: int | None = None):
 def check_batch_fits(global_batch_size: int, num_examples: int) -> None:
     """Raises a ``ValueError`` when one batch needs more examples than the training split holds."""
     if global_batch_size > num_examples:
-        raise ValueError(f"batch_size={global_batch_size} exceeds the {num_examples} training examples.")
+        raise DataError(
+            f"batch_size={global_batch_size} exceeds the {num_examples} training examples; "
+            "pass a smaller batch_size or more training data."
+        )
 
 
 def train_dataset(

@@ -247,7 +247,12 @@ def archive_fingerprint(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-class BadImageError(ValueError):
+class DataError(ValueError):
+    """The data cannot serve the run: an empty or one-class archive, an image that cannot be decoded,
+    a batch larger than the training split.  Entry points refuse it with one line (exit 2)."""
+
+
+class BadImageError(DataError):
     """An image in an archive cannot be decoded; the message names it."""
 
 
@@ -300,7 +305,7 @@ def _make_builder_class():
             """(splits, classes) from the file names alone (no image is decoded)."""
             names = list_image_names(self._archive)
             if not names:
-                raise ValueError(f"no images found in {self._archive!r}; expected [<split>/]<class>/<image> files.")
+                raise DataError(f"no images found in {self._archive!r}; expected [<split>/]<class>/<image> files.")
             pairs = {split_and_class(n) for n in names}
             return sorted({p[0] for p in pairs}), sorted({p[1] for p in pairs})
 
