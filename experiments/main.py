@@ -21,17 +21,27 @@ command to resume.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
-if __name__ == "__main__":  # SIGTERM while starting up (imports, data, compiling) is a preemption too: exit 75
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(75))  # training replaces it: save, then 75
+
+def _preempted_before_training(signum, frame) -> None:
+    """SIGTERM outside training (imports, data, compiling, between runs, the report): nothing is
+    unsaved, so exit 75 (preempted: rerun) at once.  ``os._exit``, since an exception raised from a
+    signal handler can land in a callback that swallows it (a GC callback of XLA's did)."""
+    del signum, frame
+    print("preempted (SIGTERM) outside training: nothing unsaved; rerun the same command.", file=sys.stderr, flush=True)
+    os._exit(75)
+
+
+if __name__ == "__main__":  # from the first moment; training replaces it while it runs (save, then 75)
+    signal.signal(signal.SIGTERM, _preempted_before_training)
 
 import dataclasses
 import importlib.util
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
