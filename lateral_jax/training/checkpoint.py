@@ -115,27 +115,17 @@ class Checkpointer:
         (a ``ValueError`` listing the saved steps when there is none of it; its read errors raise).
         """
         self.manager.wait_until_finished()
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         if step is not None:
             if step not in self.all_steps():
                 raise ValueError(
                     f"step={step} has no checkpoint in {self.directory}; saved steps: {self.all_steps() or 'none'}."
                 )
             self._check_shapes(step, target)
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
-            restored = self.manager.restore(step, args=args)
-            leaves = jax.tree_util.tree_leaves(restored.state)
-            return (
-                step,
-                jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves),
-                dict(restored.data or {}),
-            )
+            return self._restore_step(step, target)
         for step in reversed(self.all_steps()):
             self._check_shapes(step, target)
             try:
-                restored = self.manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
-                )
+                return self._restore_step(step, target)
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to an older one
                 where = f"; moved to {self.move_aside(step)}" if move_unreadable else ""
                 warnings.warn(
@@ -144,12 +134,19 @@ class Checkpointer:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                continue
-            state = jax.tree_util.tree_unflatten(
-                jax.tree_util.tree_structure(target), jax.tree_util.tree_leaves(restored.state)
-            )
-            return step, state, dict(restored.data or {})
         return None
+
+    def _restore_step(self, step: int, target: Any) -> tuple[int, Any, dict]:
+        """``(step, state, data_state)`` of checkpoint ``step``, the state in ``target``'s structure."""
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+        restored = self.manager.restore(step, args=args)
+        leaves = jax.tree_util.tree_leaves(restored.state)
+        return (
+            step,
+            jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves),
+            dict(restored.data or {}),
+        )
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
