@@ -61,6 +61,15 @@ def _mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
+def late_rise(run_dir: Path, window: int = 3) -> float | None:
+    """How far from its plateau a run ended: validation accuracy at the last evaluation minus at the
+    ``window``-th last, in points (``None`` with fewer evaluations)."""
+    evals = sorted(read_metrics(run_dir)["eval"], key=lambda r: r["step"])
+    if len(evals) < window:
+        return None
+    return 100.0 * (evals[-1]["accuracy"] - evals[-window]["accuracy"])
+
+
 def write_report(workdir: str | Path, groups: Mapping[str, Sequence[str]] | Sequence[str], *, title: str = "") -> Path:
     """Writes ``<workdir>/report.md``; ``groups`` maps each model (variant) to its runs' folder names
     (one per seed), or lists models that have one run each, named as their folders."""
@@ -73,11 +82,12 @@ def write_report(workdir: str | Path, groups: Mapping[str, Sequence[str]] | Sequ
         if (workdir / name / "final.json").exists()
     }
     fmt = lambda v, spec=".3f": "–" if v is None else format(v, spec)  # noqa: E731
+    rises = {name: late_rise(workdir / name) for name in finals}
     rows = []
     for runs in groups.values():
         for name in runs:
             if name not in finals:
-                rows.append(f"| {name} | not finished | | | | | | | |")
+                rows.append(f"| {name} | not finished | | | | | | | | |")
                 continue
             f = finals[name]
             tr, e = f.get("train", {}), f.get("ei", {})
@@ -85,7 +95,8 @@ def write_report(workdir: str | Path, groups: Mapping[str, Sequence[str]] | Sequ
                 f"| {name} | {f['num_params']:,} | {f['steps']} | **{f['validation_accuracy']:.4f}** | "
                 f"{fmt(f.get('test_accuracy'), '.4f')} | {fmt(tr.get('final_loop_change'), '.4f')} | "
                 f"{fmt(e.get('ei/purity_mean'))} | "
-                f"{fmt(e.get('ei/fraction_excitatory'))} | {fmt(tr.get('images_per_s'), '.0f')} |"
+                f"{fmt(e.get('ei/fraction_excitatory'))} | {fmt(tr.get('images_per_s'), '.0f')} | "
+                f"{fmt(rises.get(name), '+.1f')} |"
             )
     accuracy = {v: [finals[n]["validation_accuracy"] for n in runs if n in finals] for v, runs in groups.items()}
     accuracy = {v: a for v, a in accuracy.items() if a}
@@ -109,11 +120,19 @@ def write_report(workdir: str | Path, groups: Mapping[str, Sequence[str]] | Sequ
         lines.append(f"**Best (mean):** `{best}` with {np.mean(accuracy[best]):.4f}{against}.")
         if seeds == 1:
             lines.append("One seed per model: differences of a few points can be seed-to-seed variation.")
+        measured = [r for r in rises.values() if r is not None]
+        if measured:
+            lines.append(
+                f"**Plateau:** averaged over the {len(measured)} runs, validation accuracy rose "
+                f"{np.mean(measured):+.1f} points from the third-last to the last evaluation (largest "
+                f"{max(measured):+.1f}); a run at its plateau rises by at most 1 point."
+            )
         lines.append("")
     lines += [
         "| run | parameters | steps | validation accuracy | test accuracy "
-        "| final-loop change ‖a(T)−a(T−1)‖/‖a(T)‖ | E/I purity | fraction E | train images/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| final-loop change ‖a(T)−a(T−1)‖/‖a(T)‖ | E/I purity | fraction E | train images/s "
+        "| rise over the last 3 evaluations (points) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]

@@ -334,6 +334,9 @@ def test_the_report_gives_each_models_mean_and_std_over_its_seeds(tmp_path):
         (tmp_path / name).mkdir()
         final = {"num_params": 10, "steps": 4, "validation_accuracy": acc, "train": {"images_per_s": 5.0}, "ei": {}}
         (tmp_path / name / "final.json").write_text(json.dumps(final))
+        curve = [acc - 0.1, acc - 0.02, acc - 0.01, acc] if name != "fcnn_seed1" else [acc]
+        records = [{"step": 10 * (i + 1), "kind": "eval", "accuracy": a, "loss": 1.0} for i, a in enumerate(curve)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     groups = {"fcnn": ["fcnn_seed0", "fcnn_seed1"], "lccnn": ["lccnn_seed0", "lccnn_seed1", "lccnn_seed2"]}
     text = report.write_report(tmp_path, groups).read_text()
     assert "mean ± sample std over 2 seed(s)" in text
@@ -341,6 +344,9 @@ def test_the_report_gives_each_models_mean_and_std_over_its_seeds(tmp_path):
     assert "| lccnn | **0.8500 ± 0.0707** | 2 | 0.9000 / 0.8000 |" in text
     assert "**Best (mean):** `lccnn` with 0.8500 (F-CNN: 0.6500, difference +0.2000)." in text
     assert "| lccnn_seed2 | not finished |" in text
+    # the last minus the third-last evaluation: +2.0 points for the runs with 4 evaluations, "–" with one
+    assert "**Plateau:** averaged over the 3 runs, validation accuracy rose +2.0 points" in text
+    assert text.count("| 5 | +2.0 |") == 3 and "| 5 | – |" in text
     assert report._parse_groups(["fcnn=a,b", "lccnn"]) == {"fcnn": ["a", "b"], "lccnn": ["lccnn"]}
 
 
