@@ -61,6 +61,8 @@ def test_after_a_corrupt_newest_checkpoint_the_retrained_steps_are_saved(tmp_pat
     for f in (tmp_path / "checkpoints" / "8" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"\x00corrupt")
+    with pytest.warns(RuntimeWarning, match=r"final.json reports the run finished at step 8, but the newest readable"):
+        assert run.load_trained(tmp_path).step == 6  # and says it is not final.json's step
     with pytest.warns(RuntimeWarning, match=r"step 8 .* is unreadable .* moved to .*checkpoints.unreadable/8"):
         result = run.train_and_evaluate(config, tmp_path)
     assert result["steps"] == 8 and checkpoint_steps(tmp_path)[-1] == 8

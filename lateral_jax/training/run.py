@@ -399,6 +399,17 @@ def load_trained(workdir: str | Path) -> TrainedRun:
     if restored is None:
         raise FileNotFoundError(f"no readable checkpoint in {Path(workdir) / 'checkpoints'}; train the run first.")
     step, state, _ = restored
+    final_path = Path(workdir) / "final.json"
+    if final_path.exists():
+        reported = json.loads(final_path.read_text()).get("steps")
+        if reported is not None and reported != step:
+            warnings.warn(
+                f"{final_path} reports the run finished at step {reported}, but the newest readable checkpoint "
+                f"is step {step} (the newer one is unreadable): these are step {step}'s parameters, not those "
+                "final.json describes; rerun the training command to retrain and save the missing steps.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return TrainedRun(config, data, model, jax.device_get(state.params), step)
 
 
