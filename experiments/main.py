@@ -22,21 +22,12 @@ command to resume.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
+from experiments import preemption
 
-def _preempted_before_training(signum, frame) -> None:
-    """SIGTERM outside training (imports, data, compiling, between runs, the report): nothing is
-    unsaved, so exit 75 (preempted: rerun) at once.  ``os._exit``, since an exception raised from a
-    signal handler can land in a callback that swallows it (a GC callback of XLA's did)."""
-    del signum, frame
-    print("preempted (SIGTERM) outside training: nothing unsaved; rerun the same command.", file=sys.stderr, flush=True)
-    os._exit(75)
-
-
-if __name__ == "__main__":  # from the first moment; training replaces it while it runs (save, then 75)
-    signal.signal(signal.SIGTERM, _preempted_before_training)
+if __name__ == "__main__":  # SIGTERM exits 75 from the first moment (training replaces it: save, then 75)
+    preemption.exit_75_on_sigterm()
 
 import dataclasses
 import importlib.util

@@ -19,6 +19,11 @@ partial results.  ``--analyze`` runs ``experiments/analyze.py`` on the seed-0 ru
 
 from __future__ import annotations
 
+from experiments import preemption
+
+if __name__ == "__main__":  # SIGTERM exits 75 from the first moment (a run in training saves first)
+    preemption.exit_75_on_sigterm()
+
 import argparse
 import dataclasses
 import json

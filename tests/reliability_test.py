@@ -191,19 +191,25 @@ def test_sigterm_saves_and_exits_with_the_preempted_status(tmp_path):
     assert 0 < step < 3200 and not (tmp_path / "lccnn" / "final.json").exists()
 
 
+@pytest.mark.parametrize("entry_point", ["main", "study"])
 @pytest.mark.parametrize("after_s", [0.3, 3.0])
-def test_sigterm_while_starting_up_exits_with_the_preempted_status(tmp_path, after_s):
-    """SIGTERM during the imports (0.3 s) or while the data and programs are built (3 s): 75, not 143,
-    so a scheduler that requeues on 75 requeues the job; nothing was trained, nothing is lost."""
-    cmd = [sys.executable, "-m", "experiments.main", "--config", "experiments/configs/contour.py:smoke"]
-    cmd += ["--only", "lccnn", "--workdir", str(tmp_path), "--noanalyze", "--no_report", "--config.progress=false"]
+def test_sigterm_while_starting_up_exits_with_the_preempted_status(tmp_path, after_s, entry_point):
+    """SIGTERM during the imports (0.3 s) or while the data and programs are built (3 s): 75, not 143
+    (or 0), so a scheduler that requeues on 75 requeues the job; nothing was trained, nothing is lost."""
+    if entry_point == "main":
+        cmd = [sys.executable, "-m", "experiments.main", "--config", "experiments/configs/contour.py:smoke"]
+        cmd += ["--only", "lccnn", "--workdir", str(tmp_path), "--noanalyze", "--no_report", "--config.progress=false"]
+    else:
+        cmd = [sys.executable, "-m", "experiments.study", "--protocol", "smoke", "--datasets", "contour"]
+        cmd += ["--variants", "lccnn_T1", "--out", str(tmp_path / "study.jsonl")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(after_s)
     assert proc.poll() is None, "the run finished before the signal"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == run.EXIT_PREEMPTED, (proc.returncode, err[-2000:])
-    assert not (tmp_path / "lccnn" / "final.json").exists()
+    assert "preempted (SIGTERM) outside training" in err or "rerun" in err
+    assert not (tmp_path / "lccnn" / "final.json").exists() and not (tmp_path / "study.jsonl").exists()
 
 
 def test_bad_command_lines_exit_2_with_one_line_naming_the_fix():
