@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -67,21 +68,22 @@ def iterate(fn, x0: jax.Array, tol: float, max_steps: int) -> tuple[jax.Array, j
     return x, change
 
 
-def _solve(params: LateralParams, drive: jax.Array, config: LateralConfig, tol: float, max_steps: int) -> jax.Array:
-    """``a*`` with ``a* = F(a*)``, differentiable in both modes by the implicit-function theorem.
+def solve(fmap: Callable[[jax.Array], jax.Array], x0: jax.Array, tol: float, max_steps: int) -> jax.Array:
+    """``x*`` with ``x* = fmap(x*)`` from ``x0``, differentiable in both modes by the implicit-function
+    theorem (``fmap`` closes over the parameters it depends on; any contractive loop map works).
 
-    ``jax.lax.custom_root`` on ``F(a) - a``: its tangent rule solves ``(∂F/∂a - I) ȧ = -∂F/∂θ θ̇``
+    ``jax.lax.custom_root`` on ``fmap(x) - x``: its tangent rule solves ``(∂F/∂x - I) ẋ = -∂F/∂θ θ̇``
     with ``jax.lax.custom_linear_solve``, whose solve and transposed solve are the same
-    fixed-point iteration (on the JVP or the VJP of ``F``), so ``jvp``, ``vjp`` and their
+    fixed-point iteration (on the JVP or the VJP of ``fmap``), so ``jvp``, ``vjp`` and their
     compositions all work and store no iterates.
     """
 
-    def residual_map(a):
-        return fixed_point_map(params, drive, a, config) - a
+    def residual_map(x):
+        return fmap(x) - x
 
-    def forward_solve(f, a0):
+    def forward_solve(f, start):
         del f
-        return iterate(lambda a: fixed_point_map(params, drive, a, config), a0, tol, max_steps)[0]
+        return iterate(fmap, start, tol, max_steps)[0]
 
     def linear_fixed_point(matvec, b):
         # (J - I) x = b, with matvec(x) = J x - x:  x ← J x - b = matvec(x) + x - b.
@@ -90,7 +92,13 @@ def _solve(params: LateralParams, drive: jax.Array, config: LateralConfig, tol: 
     def tangent_solve(g, y):
         return jax.lax.custom_linear_solve(g, y, linear_fixed_point, transpose_solve=linear_fixed_point)
 
-    return jax.lax.custom_root(residual_map, initial_state(params, drive, config), forward_solve, tangent_solve)
+    return jax.lax.custom_root(residual_map, x0, forward_solve, tangent_solve)
+
+
+def _solve(params: LateralParams, drive: jax.Array, config: LateralConfig, tol: float, max_steps: int) -> jax.Array:
+    """``a*`` with ``a* = F(a*)``, ``F(a) = f(N_l(d + L(a)))``, by :func:`solve` from ``a(0)``."""
+    fmap = functools.partial(fixed_point_map, params, drive, config=config)
+    return solve(lambda a: fmap(a), initial_state(params, drive, config), tol, max_steps)
 
 
 _nonconverged_calls = 0
@@ -140,3 +148,26 @@ def fixed_point(
     if warn:
         jax.debug.callback(functools.partial(_warn_if_not_converged, tol=tol, max_steps=max_steps), residual)
     return a_star, residual
+
+
+def contractor_penalty(
+    fmap: Callable[[jax.Array], jax.Array],
+    x_star: jax.Array,
+    *,
+    threshold: float = 0.9,
+    vector: jax.Array | None = None,
+) -> jax.Array:
+    """C-RBP's contraction penalty (Linsley et al., NeurIPS 2020) at a fixed point ``x* = F(x*)``::
+
+        L = mean( relu( vᵀ ∂F/∂x |ₓ* − λ )² )
+
+    ``vᵀ ∂F/∂x`` is one vector-Jacobian product (``v`` = ones by default, as in the paper's code;
+    pass the back-propagated vector to penalise along it); entries above ``λ = threshold`` are
+    penalised, which keeps the loop map contractive so the implicit gradient stays valid.  ``x*``
+    is held constant; the penalty's gradient reaches the parameters through ``fmap``.
+    """
+    x = jax.lax.stop_gradient(x_star)
+    v = jnp.ones_like(x) if vector is None else vector
+    _, vjp = jax.vjp(fmap, x)
+    (jv,) = vjp(v.astype(x.dtype))
+    return jnp.mean(jnp.square(jax.nn.relu(jv.astype(jnp.float32) - threshold)))

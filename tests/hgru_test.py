@@ -1,0 +1,207 @@
+"""The hGRU loop map and its loops: derivatives in every gradient mode against finite differences
+and against each other, forward = reverse mode, jit / vmap / shard_map, the E/I split and C-RBP's
+contraction penalty."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from jax.test_util import check_grads
+
+from lateral_jax.core import ei, hgru, implicit
+from lateral_jax.core.config import LoopOptions
+from lateral_jax.core.sharding import DATA_AXIS, make_mesh
+
+CONFIG = hgru.HGRUConfig(kernel_size=3, num_groups=2, activation="tanh")
+
+
+def make(config=CONFIG, channels=4, batch=2, hw=5, scale=1.0, seed=0):
+    params = hgru.init_params(jax.random.key(seed), channels, config)
+    params = params._replace(w_inh=scale * params.w_inh, w_exc=None if params.w_exc is None else scale * params.w_exc)
+    drive = jax.random.normal(jax.random.key(seed + 1), (batch, hw, hw, channels))
+    return params, drive
+
+
+def loss_fn(mode, num_steps=3, config=CONFIG, **loop):
+    options = LoopOptions(grad_mode=mode, **loop)
+
+    def loss(params, drive):
+        out = hgru.run(params, drive, num_steps=num_steps, config=config, loop=options)
+        return jnp.sum(jnp.sin(out.final))
+
+    return loss
+
+
+def to64(tree):
+    return jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), tree)
+
+
+@pytest.mark.parametrize("mode", ["full", "remat"])
+def test_gradients_equal_finite_differences_in_reverse_and_forward_mode(mode):
+    """(Truncated mode is not the derivative of the loss by design: it is checked against an explicit
+    stop-gradient below.)"""
+    params, drive = make(hw=4)
+    with jax.enable_x64(True):
+        args = (to64(params), to64(drive))
+        check_grads(loss_fn(mode, 3), args, order=1, modes=("rev", "fwd"), atol=1e-5, rtol=1e-5, eps=1e-6)
+
+
+def test_implicit_gradient_equals_finite_differences_and_a_long_unroll():
+    params, drive = make(scale=0.3)
+    loss = loss_fn("implicit", implicit_tol=1e-10, implicit_max_steps=400)
+    with jax.enable_x64(True):
+        p64, d64 = to64(params), to64(drive)
+        check_grads(loss, (p64, d64), order=1, modes=("rev", "fwd"), atol=1e-4, rtol=1e-4, eps=1e-6)
+        g_implicit = jax.grad(loss)(p64, d64)
+        g_long = jax.grad(loss_fn("full", 400))(p64, d64)
+    chex.assert_trees_all_close(g_implicit, g_long, atol=1e-5, rtol=1e-5)
+
+
+def test_remat_equals_full_and_truncated_equals_a_manual_stop_gradient():
+    params, drive = make()
+    g_full = jax.grad(loss_fn("full", 4))(params, drive)
+    chex.assert_trees_all_close(jax.grad(loss_fn("remat", 4))(params, drive), g_full, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_equal(jax.grad(loss_fn("truncated", 4, truncate_steps=4))(params, drive), g_full)
+
+    def manual(params, drive):
+        h = hgru.initial_state(drive, CONFIG)
+        for t in range(4):
+            if t == 2:
+                h = jax.lax.stop_gradient(h)
+            h = hgru.loop_map(params, drive, h, CONFIG)
+        return jnp.sum(jnp.sin(h))
+
+    got = jax.grad(loss_fn("truncated", 4, truncate_steps=2))(params, drive)
+    chex.assert_trees_all_close(got, jax.grad(manual)(params, drive), atol=1e-6, rtol=1e-6)
+    assert not np.allclose(got.w_inh, g_full.w_inh, atol=1e-6)
+
+
+def test_states_are_the_iterates_of_the_loop_map_and_residual_their_last_change():
+    params, drive = make()
+    out = hgru.run(params, drive, num_steps=3, config=CONFIG, return_states=True)
+    h = hgru.initial_state(drive, CONFIG)
+    want = [h]
+    for _ in range(3):
+        h = hgru.loop_map(params, drive, h, CONFIG)
+        want.append(h)
+    chex.assert_trees_all_close(out.states, jnp.stack(want), atol=1e-6)
+    chex.assert_trees_all_close(out.final, want[-1], atol=1e-6)
+    rel = jnp.linalg.norm(want[-1] - want[-2]) / jnp.linalg.norm(want[-1])
+    np.testing.assert_allclose(out.residual, rel, rtol=1e-5)
+
+
+def test_zero_initial_state_starts_from_zero_and_t0_returns_it():
+    config = hgru.HGRUConfig(kernel_size=3, num_groups=2, initial_state="zeros")
+    params, drive = make(config)
+    out = hgru.run(params, drive, num_steps=0, config=config, return_states=True)
+    assert float(jnp.abs(out.final).max()) == 0.0 and out.states.shape == (1, *drive.shape)
+
+
+def test_jit_and_vmap_equal_the_plain_call():
+    params, drive = make()
+    run = functools.partial(hgru.run, num_steps=3, config=CONFIG)
+    want = run(params, drive).final
+    chex.assert_trees_all_close(jax.jit(run)(params, drive).final, want, atol=1e-6)
+    per_example = jax.vmap(lambda d: run(params, d[None]).final[0])(drive)
+    chex.assert_trees_all_close(per_example, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad_mode", ["full", "implicit", "truncated"])
+def test_under_shard_map_equals_one_device(grad_mode):
+    params, drive = make(scale=0.3, batch=16)
+    cot = jax.random.normal(jax.random.key(5), drive.shape)
+    loop = LoopOptions(
+        grad_mode=grad_mode,
+        implicit_tol=1e-6,
+        implicit_max_steps=200,
+        truncate_steps=2 if grad_mode == "truncated" else None,
+    )
+
+    def derivatives(p, d, c, axis=None):
+        def loss(q):
+            total = jnp.sum(hgru.run(q, d, num_steps=4, config=CONFIG, loop=loop).final * c)
+            return total if axis is None else jax.lax.psum(total, axis)
+
+        value, grads = jax.value_and_grad(loss)(p)
+        _, directional = jax.jvp(loss, (p,), (jax.tree.map(jnp.ones_like, p),))
+        return value, grads, directional
+
+    sharded = jax.jit(
+        jax.shard_map(
+            functools.partial(derivatives, axis=DATA_AXIS),
+            mesh=make_mesh(),
+            in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
+            out_specs=(P(), P(), P()),
+        )
+    )
+    chex.assert_trees_all_close(sharded(params, drive, cot), derivatives(params, drive, cot), atol=1e-4, rtol=1e-4)
+
+
+def test_kernels_are_symmetric_across_channels_and_shared_on_request():
+    params, _ = make()
+    w_inh, w_exc = hgru.kernels(params, CONFIG)
+    chex.assert_trees_all_close(w_inh, jnp.swapaxes(w_inh, 2, 3))
+    assert not np.allclose(w_inh, w_exc)
+    shared = hgru.HGRUConfig(kernel_size=3, num_groups=2, shared_kernel=True, symmetric=False)
+    p_shared, _ = make(shared)
+    assert p_shared.w_exc is None
+    a, b = hgru.kernels(p_shared, shared)
+    chex.assert_trees_all_equal(a, b)
+    chex.assert_trees_all_equal(a, p_shared.w_inh)
+
+
+def test_signed_kernels_feed_the_ei_penalties():
+    params, _ = make()
+    signed = hgru.signed_kernels(params, CONFIG)
+    w_inh, w_exc = hgru.kernels(params, CONFIG)
+    chex.assert_trees_all_equal(signed["inhibitory"], -w_inh)
+    # two populations: W_E >= 0 and -W_I <= 0, i.e. relu(-W_E) + relu(-W_I)
+    want = jnp.sum(jax.nn.relu(-w_exc)) + jnp.sum(jax.nn.relu(-w_inh))
+    got = ei.two_population_penalty(signed["excitatory"], signed["inhibitory"])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    clean = params._replace(w_inh=jnp.abs(params.w_inh), w_exc=jnp.abs(params.w_exc))
+    signed = hgru.signed_kernels(clean, CONFIG)
+    assert float(ei.two_population_penalty(signed["excitatory"], signed["inhibitory"])) == 0.0
+    assert float(ei.mixed_sign_penalty(signed)) == 0.0
+
+
+def test_contractor_penalty_is_the_hinged_column_sums_of_the_jacobian():
+    params, drive = make(batch=1, hw=3, channels=2, scale=2.0)
+    h = hgru.run(params, drive, num_steps=5, config=CONFIG).final
+    fmap = functools.partial(hgru.loop_map, params, drive, config=CONFIG)
+    jac = jax.jacobian(fmap)(h).reshape(h.size, h.size)
+    column_sums = jac.sum(axis=0)
+    for threshold in (0.0, 0.5):
+        want = jnp.mean(jax.nn.relu(column_sums - threshold) ** 2)
+        np.testing.assert_allclose(implicit.contractor_penalty(fmap, h, threshold=threshold), want, rtol=1e-5)
+    assert float(implicit.contractor_penalty(fmap, h, threshold=1e6)) == 0.0
+    grads = jax.grad(
+        lambda p: implicit.contractor_penalty(functools.partial(hgru.loop_map, p, drive, config=CONFIG), h, threshold=0)
+    )(params)
+    assert float(jnp.abs(grads.w_inh).sum()) > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"kernel_size": 4}, "kernel_size=4 must be a positive odd integer"),
+        ({"gate_norm": "batch"}, "gate_norm='batch' is not supported"),
+        ({"initial_state": "noise"}, "initial_state='noise' is not supported"),
+        ({"chronos_steps": 1}, "chronos_steps=1 must be an int >= 2"),
+    ],
+)
+def test_bad_configs_are_refused_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        hgru.HGRUConfig(**kwargs)
+
+
+def test_params_that_do_not_match_the_drive_are_refused():
+    params, drive = make()
+    with pytest.raises(ValueError, match="w_inh has shape"):
+        hgru.run(params, drive[..., :2], num_steps=2, config=CONFIG)
+    with pytest.raises(ValueError, match="w_exc must be None exactly when shared_kernel=True"):
+        hgru.run(params, drive, num_steps=2, config=hgru.HGRUConfig(kernel_size=3, num_groups=2, shared_kernel=True))
