@@ -138,7 +138,11 @@ def test_under_shard_map_equals_one_device(grad_mode):
             out_specs=(P(), P(), P()),
         )
     )
-    chex.assert_trees_all_close(sharded(params, drive, cot), derivatives(params, drive, cot), atol=1e-4, rtol=1e-4)
+    got, want = sharded(params, drive, cot), derivatives(params, drive, cot)
+    # within float32 rounding of each leaf's scale (the implicit solves stop at the same step on
+    # every device, but their sums are reassociated): |got - want| <= 1e-5 max|want|
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert float(jnp.abs(g - w).max()) <= 1e-5 * float(jnp.abs(w).max()) + 1e-6
 
 
 def test_kernels_are_symmetric_across_channels_and_shared_on_request():
