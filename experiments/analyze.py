@@ -176,6 +176,9 @@ def analyze_models(entries: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     results, summaries, kernels, tails, samples = {}, {}, {}, {}, {}
     for name, (model, params, images, normalisation, info) in entries.items():
+        if not probe.has_lateral_layers(params):
+            print(f"analysis: {name} skipped (the probe measures LateralConv layers; it has none)", flush=True)
+            continue
         print(f"analysing {name} on {len(images)} natural images and grating stimuli...", flush=True)
         result = probe.measure(model, params, natural_images=images, normalisation=normalisation)
         result.update(info)

@@ -2,6 +2,7 @@
 and against each other, forward = reverse mode, jit / vmap / shard_map, the E/I split and C-RBP's
 contraction penalty."""
 
+import dataclasses
 import functools
 
 import chex
@@ -21,7 +22,9 @@ CONFIG = hgru.HGRUConfig(kernel_size=3, num_groups=2, activation="tanh")
 
 def make(config=CONFIG, channels=4, batch=2, hw=5, scale=1.0, seed=0):
     params = hgru.init_params(jax.random.key(seed), channels, config)
-    params = params._replace(w_inh=scale * params.w_inh, w_exc=None if params.w_exc is None else scale * params.w_exc)
+    params = params._replace(
+        w_inhibit=scale * params.w_inhibit, w_excite=None if params.w_excite is None else scale * params.w_excite
+    )
     drive = jax.random.normal(jax.random.key(seed + 1), (batch, hw, hw, channels))
     return params, drive
 
@@ -77,7 +80,7 @@ def test_remat_equals_full_and_truncated_equals_a_manual_stop_gradient():
 
     got = jax.grad(loss_fn("truncated", 4, truncate_steps=2))(params, drive)
     chex.assert_trees_all_close(got, jax.grad(manual)(params, drive), atol=1e-6, rtol=1e-6)
-    assert not np.allclose(got.w_inh, g_full.w_inh, atol=1e-6)
+    assert not np.allclose(got.w_inhibit, g_full.w_inhibit, atol=1e-6)
 
 
 def test_states_are_the_iterates_of_the_loop_map_and_residual_their_last_change():
@@ -147,27 +150,27 @@ def test_under_shard_map_equals_one_device(grad_mode):
 
 def test_kernels_are_symmetric_across_channels_and_shared_on_request():
     params, _ = make()
-    w_inh, w_exc = hgru.kernels(params, CONFIG)
-    chex.assert_trees_all_close(w_inh, jnp.swapaxes(w_inh, 2, 3))
-    assert not np.allclose(w_inh, w_exc)
+    w_inhibit, w_excite = hgru.kernels(params, CONFIG)
+    chex.assert_trees_all_close(w_inhibit, jnp.swapaxes(w_inhibit, 2, 3))
+    assert not np.allclose(w_inhibit, w_excite)
     shared = hgru.HGRUConfig(kernel_size=3, num_groups=2, shared_kernel=True, symmetric=False)
     p_shared, _ = make(shared)
-    assert p_shared.w_exc is None
+    assert p_shared.w_excite is None
     a, b = hgru.kernels(p_shared, shared)
     chex.assert_trees_all_equal(a, b)
-    chex.assert_trees_all_equal(a, p_shared.w_inh)
+    chex.assert_trees_all_equal(a, p_shared.w_inhibit)
 
 
 def test_signed_kernels_feed_the_ei_penalties():
     params, _ = make()
     signed = hgru.signed_kernels(params, CONFIG)
-    w_inh, w_exc = hgru.kernels(params, CONFIG)
-    chex.assert_trees_all_equal(signed["inhibitory"], -w_inh)
+    w_inhibit, w_excite = hgru.kernels(params, CONFIG)
+    chex.assert_trees_all_equal(signed["inhibitory"], -w_inhibit)
     # two populations: W_E >= 0 and -W_I <= 0, i.e. relu(-W_E) + relu(-W_I)
-    want = jnp.sum(jax.nn.relu(-w_exc)) + jnp.sum(jax.nn.relu(-w_inh))
+    want = jnp.sum(jax.nn.relu(-w_excite)) + jnp.sum(jax.nn.relu(-w_inhibit))
     got = ei.two_population_penalty(signed["excitatory"], signed["inhibitory"])
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    clean = params._replace(w_inh=jnp.abs(params.w_inh), w_exc=jnp.abs(params.w_exc))
+    clean = params._replace(w_inhibit=jnp.abs(params.w_inhibit), w_excite=jnp.abs(params.w_excite))
     signed = hgru.signed_kernels(clean, CONFIG)
     assert float(ei.two_population_penalty(signed["excitatory"], signed["inhibitory"])) == 0.0
     assert float(ei.mixed_sign_penalty(signed)) == 0.0
@@ -186,7 +189,7 @@ def test_contractor_penalty_is_the_hinged_column_sums_of_the_jacobian():
     grads = jax.grad(
         lambda p: implicit.contractor_penalty(functools.partial(hgru.loop_map, p, drive, config=CONFIG), h, threshold=0)
     )(params)
-    assert float(jnp.abs(grads.w_inh).sum()) > 0
+    assert float(jnp.abs(grads.w_inhibit).sum()) > 0
 
 
 @pytest.mark.parametrize(
@@ -205,7 +208,158 @@ def test_bad_configs_are_refused_by_name(kwargs, message):
 
 def test_params_that_do_not_match_the_drive_are_refused():
     params, drive = make()
-    with pytest.raises(ValueError, match="w_inh has shape"):
+    with pytest.raises(ValueError, match="w_inhibit has shape"):
         hgru.run(params, drive[..., :2], num_steps=2, config=CONFIG)
-    with pytest.raises(ValueError, match="w_exc must be None exactly when shared_kernel=True"):
+    with pytest.raises(ValueError, match="w_excite must be None exactly when shared_kernel=True"):
         hgru.run(params, drive, num_steps=2, config=hgru.HGRUConfig(kernel_size=3, num_groups=2, shared_kernel=True))
+
+
+# --------------------------------------------------------------------------------------------
+# Linen and NNX skins, the model family, C-RBP in training
+# --------------------------------------------------------------------------------------------
+
+from flax import nnx  # noqa: E402
+
+from lateral_jax.core import dynamics, hgru_models, nnx_hgru  # noqa: E402
+from lateral_jax.core.nnx_models import load_params  # noqa: E402
+
+
+def _stem(params, x):
+    kernel, bias = params["stem"]["kernel"], params["stem"]["bias"]
+    conv = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return conv + bias.reshape(1, 1, 1, -1)
+
+
+def _model(**kw):
+    return hgru_models.HGRUNet(width=4, stem_size=3, num_steps=3, config=CONFIG, **kw)
+
+
+def test_linen_layer_is_the_pure_run_on_its_params_and_ties_the_chronos_biases():
+    model = _model()
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 1))
+    variables = model.init(jax.random.key(1), x)
+    p = variables["params"]["hgru"]
+    chex.assert_trees_all_equal(p["b_mix"], -p["b_gain"])
+    params = hgru_models.layer_params(p)
+    stem = _stem(variables["params"], x)
+    want = hgru.run(params, stem, num_steps=3, config=CONFIG, return_states=True)
+    out = model.apply(variables, x, record="all")
+    chex.assert_trees_all_close(out.states["hgru"], want.states, atol=1e-5)
+    np.testing.assert_allclose(out.residuals["hgru"], want.residual, rtol=1e-4)
+
+
+def test_nnx_model_equals_linen_in_logits_and_gradients():
+    linen_model = _model()
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 1))
+    params = linen_model.init(jax.random.key(1), x)["params"]
+    twin = nnx_hgru.HGRUNet(1, width=4, stem_size=3, num_steps=3, config=CONFIG, rngs=nnx.Rngs(5))
+    load_params(twin, params)
+    chex.assert_trees_all_close(twin(x).logits, linen_model.apply({"params": params}, x).logits, atol=1e-5)
+
+    def linen_loss(p):
+        return jnp.sum(linen_model.apply({"params": p}, x).logits ** 2)
+
+    def nnx_loss(m):
+        return jnp.sum(m(x).logits ** 2)
+
+    g_nnx = nnx.grad(nnx_loss)(twin)
+    g_linen = jax.grad(linen_loss)(params)
+    chex.assert_trees_all_close(nnx.to_pure_dict(g_nnx), g_linen, atol=1e-4, rtol=1e-4)
+
+
+def test_layer_spectral_radii_include_the_hgru_and_match_nnx():
+    model = _model()
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 1))
+    variables = model.init(jax.random.key(1), x)
+    radii = dynamics.layer_spectral_radii(model, variables, x, num_iters=30)
+    assert set(radii) == {"hgru"} and radii["hgru"].shape == (2,)
+    twin = nnx_hgru.HGRUNet(1, width=4, stem_size=3, num_steps=3, config=CONFIG, rngs=nnx.Rngs(5))
+    load_params(twin, variables["params"])
+    drive = twin.stem(x)
+    state = twin.hgru(drive).final
+    chex.assert_trees_all_close(twin.hgru.spectral_radius(drive, state, num_iters=30), radii["hgru"], rtol=1e-4)
+
+
+def test_contractor_penalty_is_sown_in_implicit_mode_and_enters_the_loss():
+    from lateral_jax.training.train import loss_and_metrics
+
+    loop = LoopOptions(grad_mode="implicit", implicit_max_steps=50, implicit_warn=False)
+    model = _model(loop=loop, contractor_weight=2.0, contractor_threshold=0.0)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 1))
+    params = model.init(jax.random.key(1), x)["params"]
+    _, sown = model.apply({"params": params}, x, mutable=["penalties"])
+    (penalty,) = sown["penalties"]["hgru"]["contractor"]
+    p = hgru_models.layer_params(params["hgru"])  # the layer's fixed point, recomputed with the pure functions
+    stem = _stem(params, x)
+    h_star = hgru.run(p, stem, num_steps=0, config=CONFIG, loop=loop).final
+    want = 2.0 * implicit.contractor_penalty(lambda h: hgru.loop_map(p, stem, h, CONFIG), h_star, threshold=0.0)
+    np.testing.assert_allclose(penalty, want, rtol=1e-4)
+    batch = {"image": x, "label": jnp.array([0, 1])}
+    loss, metrics = loss_and_metrics(model, params, batch)
+    np.testing.assert_allclose(metrics["contractor_penalty"], penalty, rtol=1e-5)
+    np.testing.assert_allclose(loss, metrics["ce"] + penalty, rtol=1e-5)
+    grads = jax.grad(lambda q: loss_and_metrics(model, q, batch)[0])(params)
+    assert np.isfinite(float(jnp.abs(grads["hgru"]["w_inhibit"]).sum()))
+
+
+def test_lccnn_sows_the_contractor_penalty_only_when_asked():
+    from lateral_jax.core import layers
+    from lateral_jax.core.config import LateralConfig
+
+    loop = LoopOptions(grad_mode="implicit", implicit_warn=False)
+    cfg = LateralConfig.stable(num_groups=2)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    plain = layers.LateralConv(4, num_steps=2, config=cfg, loop=loop)
+    variables = plain.init(jax.random.key(1), x)
+    _, sown = plain.apply(variables, x, mutable=["penalties"])
+    assert sown == {}
+    penalised = layers.LateralConv(
+        4, num_steps=2, config=cfg, loop=loop, contractor_weight=1.0, contractor_threshold=0.0
+    )
+    out, sown = penalised.apply(variables, x, mutable=["penalties"])
+    chex.assert_trees_all_equal(out.final, plain.apply(variables, x).final)
+    assert float(sown["penalties"]["contractor"][0]) > 0
+
+
+def test_hgru_ei_penalty_uses_the_signed_kernels():
+    model = _model(ei_mode="two_population", ei_weight=0.5)
+    x = jnp.zeros((1, 6, 6, 1))
+    params = model.init(jax.random.key(1), x)["params"]
+    signed = hgru.signed_kernels(hgru_models.layer_params(params["hgru"]), CONFIG)
+    want = 0.5 * ei.two_population_penalty(signed["excitatory"], signed["inhibitory"])
+    np.testing.assert_allclose(model.ei_penalty(params), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="not available for the hGRU"):
+        _model(ei_mode="parametrise", ei_weight=1.0).ei_penalty(params)
+
+
+def test_benchmark_config_and_variants_become_hgru_and_crbp_run_configs():
+    from experiments.configs import base, pathfinder_published
+    from lateral_jax.training import config
+
+    c = pathfinder_published.get_config("14")
+    crbp = base.to_run_config(c, "hgru_T8_crbp")
+    assert crbp.model.kind == "hgru" and crbp.model.num_steps == 8
+    assert crbp.model.loop.grad_mode == "implicit" and crbp.model.contractor_weight == 1.0
+    assert crbp.model.hgru == hgru.HGRUConfig(kernel_size=5, num_groups=4, activation="tanh")
+    assert dict(crbp.data.task) == {"contour_length": 14, "image_size": 32}
+    assert base.to_run_config(c, "lccnn_T4_crbp").model.loop.grad_mode == "implicit"
+    assert base.to_run_config(c, "hgru_T8").model.loop == LoopOptions()
+    config.validate(crbp)
+    bad = dataclasses.replace(crbp, model=dataclasses.replace(crbp.model, loop=LoopOptions()))
+    with pytest.raises(ValueError, match="contractor_weight=1.0 \\(C-RBP\\) acts at a fixed point"):
+        config.validate(bad)
+    with pytest.raises(ValueError, match="config variant '15' is unknown"):
+        pathfinder_published.get_config("15")
+
+
+def test_published_pathfinder_task_is_generated_once_and_read_from_the_cache(tmp_path, monkeypatch):
+    from lateral_jax.training.data import pathfinder, synthetic
+
+    monkeypatch.setenv("LATERAL_JAX_DATA", str(tmp_path))
+    first = synthetic.make_task("pathfinder_published", 6, seed=2, contour_length=9)
+    spec = pathfinder.PathfinderConfig.published(9, 32)
+    path = synthetic.cache_path(spec, 6, 2)
+    assert path.exists() and path.parent.parent == tmp_path
+    np.testing.assert_array_equal(first["image"], pathfinder.generate(spec, 6, seed=2, workers=1)["image"])
+    np.savez(path, image=np.zeros_like(first["image"]), label=first["label"])  # a cached file is what is read
+    assert float(np.abs(synthetic.make_task("pathfinder_published", 6, seed=2, contour_length=9)["image"]).max()) == 0

@@ -83,9 +83,12 @@ def to_run_config(
     raw.pop("models", None)
     raw.pop("seeds", None)
     fields = {k: v for k, v in variants.overrides(variant).items() if k not in user_model_fields}
-    user_lateral = {n.split(".", 2)[2] for n in set_on_command_line if n.startswith("model.lateral.")}
-    lateral = {k: v for k, v in fields.pop("lateral", {}).items() if k not in user_lateral}
-    raw["model"] = {**raw["model"], **fields, "lateral": {**raw["model"]["lateral"], **lateral}}
+    nested = {}
+    for group in ("lateral", "loop"):  # a variant's nested fields merge into the config file's
+        user = {n.split(".", 2)[2] for n in set_on_command_line if n.startswith(f"model.{group}.")}
+        mine = {k: v for k, v in fields.pop(group, {}).items() if k not in user}
+        nested[group] = {**raw["model"][group], **mine}
+    raw["model"] = {**raw["model"], **fields, **nested}
     return from_dict(raw)
 
 

@@ -1,13 +1,15 @@
 """Model variants by name: a base kind plus optional suffixes, so each variant is defined once.
 
-  <kind>[_T<n>][_l<λ>][_param|_proj][_k<n>]
+  <kind>[_T<n>][_l<λ>][_param|_proj][_k<n>][_crbp]
 
 ``kind`` is a ``ModelConfig.kind`` (fcnn, fcnn_matched, lccnn, lceicnn, unshared, lateral_resnet);
 ``_T<n>`` sets T = n lateral loops; ``lceicnn`` is the mixed-sign E/I penalty with λ_EI = 1e-3,
 ``_l<λ>`` sets λ_EI, ``_param`` / ``_proj`` use the parametrised or projected E/I form instead (no
 loss term), ``_k<n>`` makes the lateral kernels n × n (``{"lateral": {"lateral_size": n}}``, merged
-into the config's ``LateralConfig``).  Examples: ``lccnn_T2``, ``lceicnn_T4_l1e-2``, ``lceicnn_param``,
-``unshared_T4``, ``lccnn_T4_k7``.
+into the config's ``LateralConfig``), ``_crbp`` trains in implicit mode with C-RBP's contraction
+penalty (``{"loop": {"grad_mode": "implicit"}, "contractor_weight": 1.0}``; the weight is ours).
+``hgru`` is the hGRU model (:class:`lateral_jax.core.hgru_models.HGRUNet`).  Examples: ``lccnn_T2``,
+``lceicnn_T4_l1e-2``, ``lceicnn_param``, ``unshared_T4``, ``lccnn_T4_k7``, ``hgru_T8``, ``hgru_T8_crbp``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-KINDS = ("fcnn_matched", "fcnn", "lccnn", "lceicnn", "unshared", "lateral_resnet")
-_ONE_SUFFIX = r"_(T\d+|l[0-9.]+(?:e-?\d+)?|param|proj|k\d+)"
+KINDS = ("fcnn_matched", "fcnn", "lccnn", "lceicnn", "unshared", "lateral_resnet", "hgru")
+_ONE_SUFFIX = r"_(T\d+|l[0-9.]+(?:e-?\d+)?|param|proj|k\d+|crbp)"
+# C-RBP's penalty weight in the ``_crbp`` variants (ours: the 2020 paper's code scales it per task)
+CONTRACTOR_WEIGHT = 1.0
 _NAME = re.compile(r"^(?P<kind>" + "|".join(KINDS) + r")(?P<suffixes>(?:" + _ONE_SUFFIX + r")*)$")
 _SUFFIX = re.compile(_ONE_SUFFIX)
 
@@ -29,14 +33,16 @@ def overrides(name: str) -> dict[str, Any]:
     match = _NAME.match(name)
     if match is None:
         raise ValueError(
-            f"variant {name!r} is not a valid name: <kind>[_T<n>][_l<lambda>][_param|_proj][_k<n>] with kind one of "
-            f"{', '.join(KINDS)} (e.g. {', '.join(STANDARD)})."
+            f"variant {name!r} is not a valid name: <kind>[_T<n>][_l<lambda>][_param|_proj][_k<n>][_crbp] with "
+            f"kind one of {', '.join(KINDS)} (e.g. {', '.join(STANDARD)})."
         )
     out: dict[str, Any] = {"kind": match["kind"]}
     if match["kind"] == "lceicnn":
         out.update(ei_mode="mixed_sign", ei_weight=1e-3)
     for suffix in _SUFFIX.findall(match["suffixes"]):
-        if suffix.startswith("T"):
+        if suffix == "crbp":
+            out.update(loop={"grad_mode": "implicit"}, contractor_weight=CONTRACTOR_WEIGHT)
+        elif suffix.startswith("T"):
             out["num_steps"] = int(suffix[1:])
         elif suffix.startswith("k"):
             out["lateral"] = {"lateral_size": int(suffix[1:])}

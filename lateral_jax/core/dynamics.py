@@ -23,6 +23,7 @@ work with every ``conv_algorithm``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -31,7 +32,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from lateral_jax.core import hgru
 from lateral_jax.core.config import LateralConfig
+from lateral_jax.core.hgru_models import HGRULayer
+from lateral_jax.core.hgru_models import layer_params as hgru_layer_params
 from lateral_jax.core.layer import afferent_drive, fixed_point_map, lateral_step, relative_change
 from lateral_jax.core.layers import LateralConv, LateralRecurrence, module_params
 from lateral_jax.core.params import LateralParams
@@ -98,6 +102,24 @@ def _linearised_loop(params, drive, state, config, *, leak: bool, num_iters: int
     return jax.linearize(loop_map(params, drive, config, leak=leak), state)[1]
 
 
+def map_spectral_radius(
+    fmap: Callable[[State], State], state: State, *, num_iters: int = 40, key: jax.Array | None = None
+) -> Float[Array, " b"]:
+    """``ρ(∂fmap/∂a)`` at ``state`` per example, by power iteration on the JVP of any loop map
+    (the hGRU's :func:`lateral_jax.core.hgru.loop_map` too); see :func:`spectral_radius`."""
+    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 2:
+        raise ValueError(f"num_iters={num_iters!r} must be an int >= 2 (power-iteration steps).")
+    jvp_fn = jax.linearize(fmap, state)[1]
+
+    def body(v, _):
+        w = jvp_fn(v)
+        n = _norms(w)
+        return (w / jnp.maximum(n, 1e-30)).astype(v.dtype), jnp.log(jnp.maximum(n, 1e-30))[:, 0, 0, 0]
+
+    _, logs = jax.lax.scan(body, _start_vector(key, state), None, length=num_iters)
+    return jnp.exp(jnp.mean(logs[num_iters // 2 :], axis=0))
+
+
 def spectral_radius(
     params: LateralParams,
     drive: State,
@@ -117,15 +139,7 @@ def spectral_radius(
     Accuracy: within a few per cent after 40 iterations when the two largest moduli are apart
     (tested against the eigenvalues of :func:`step_jacobian`); a lower bound on ρ otherwise.
     """
-    jvp_fn = _linearised_loop(params, drive, state, config, leak=leak, num_iters=num_iters)
-
-    def body(v, _):
-        w = jvp_fn(v)
-        n = _norms(w)
-        return (w / jnp.maximum(n, 1e-30)).astype(v.dtype), jnp.log(jnp.maximum(n, 1e-30))[:, 0, 0, 0]
-
-    _, logs = jax.lax.scan(body, _start_vector(key, state), None, length=num_iters)
-    return jnp.exp(jnp.mean(logs[num_iters // 2 :], axis=0))
+    return map_spectral_radius(loop_map(params, drive, config, leak=leak), state, num_iters=num_iters, key=key)
 
 
 def spectral_norm(
@@ -212,7 +226,7 @@ def _layer_calls(model: nn.Module, variables: dict, x: jax.Array) -> dict[str, t
     def record(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         module = context.module
-        lateral = isinstance(module, LateralConv | LateralRecurrence) and module.num_steps > 0
+        lateral = isinstance(module, LateralConv | LateralRecurrence | HGRULayer) and module.num_steps > 0
         if lateral and context.method_name == "__call__":
             calls["/".join(module.scope.path)] = (module, args[0], out)
         return out
@@ -240,6 +254,11 @@ def layer_spectral_radii(
     """
     radii = {}
     for name, (module, inputs, out) in _layer_calls(model, variables, x).items():
+        if isinstance(module, HGRULayer):  # the hGRU layer is given its drive
+            p = hgru_layer_params(_subtree(variables["params"], module.scope.path))
+            fmap = functools.partial(hgru.loop_map, p, inputs, config=module.config)
+            radii[name] = map_spectral_radius(fmap, out.final, num_iters=num_iters, key=key)
+            continue
         if getattr(module, "unshared", False):
             continue  # T different maps: no single loop Jacobian
         p = module_params(
@@ -258,6 +277,7 @@ __all__ = [
     "contraction",
     "layer_spectral_radii",
     "loop_map",
+    "map_spectral_radius",
     "sensitivity",
     "spectral_norm",
     "spectral_radius",

@@ -110,15 +110,15 @@ class HGRUConfig:
 
 
 class HGRUParams(NamedTuple):
-    """Parameters of one hGRU layer; ``w_exc`` is ``None`` with ``shared_kernel``.
+    """Parameters of one hGRU layer; ``w_excite`` is ``None`` with ``shared_kernel``.
 
-    ``w_inh``/``w_exc`` are the raw kernels ``V`` (HWIO ``[k, k, C, C]``); the kernels the loop
+    ``w_inhibit``/``w_excite`` are the raw kernels ``V`` (HWIO ``[k, k, C, C]``); the kernels the loop
     uses are :func:`kernels` (symmetrised when the config says so).  ``norms`` holds the four
     norms ``N₁..N₄`` (:data:`NORM_SITES`) or is ``None``.
     """
 
-    w_inh: Float[Array, "k k c c"]
-    w_exc: Float[Array, "k k c c"] | None
+    w_inhibit: Float[Array, "k k c c"]
+    w_excite: Float[Array, "k k c c"] | None
     u_gain: Float[Array, "c c"]
     b_gain: Float[Array, " c"]
     u_mix: Float[Array, "c c"]
@@ -148,8 +148,8 @@ def init_params(key: jax.Array, channels: int, config: HGRUConfig = HGRUConfig()
     b_gain = jnp.log(jax.random.uniform(k_bias, (channels,), jnp.float32, 1.0, config.chronos_steps - 1.0))
     const = functools.partial(jnp.full, (channels,), dtype=jnp.float32)
     return HGRUParams(
-        w_inh=kernel(k_inh),
-        w_exc=None if config.shared_kernel else kernel(k_exc),
+        w_inhibit=kernel(k_inh),
+        w_excite=None if config.shared_kernel else kernel(k_exc),
         u_gain=gate(k_u1),
         b_gain=b_gain,
         u_mix=gate(k_u2),
@@ -169,11 +169,11 @@ def _symmetrise(w: jax.Array) -> jax.Array:
 
 def kernels(params: HGRUParams, config: HGRUConfig) -> tuple[jax.Array, jax.Array]:
     """The inhibitory and excitatory kernels ``(W_I, W_E)`` the loop uses (equal with ``shared_kernel``)."""
-    w_inh = params.w_inh
-    w_exc = w_inh if params.w_exc is None else params.w_exc
+    w_inhibit = params.w_inhibit
+    w_excite = w_inhibit if params.w_excite is None else params.w_excite
     if config.symmetric:
-        return _symmetrise(w_inh), _symmetrise(w_exc)
-    return w_inh, w_exc
+        return _symmetrise(w_inhibit), _symmetrise(w_excite)
+    return w_inhibit, w_excite
 
 
 def signed_kernels(params: HGRUParams, config: HGRUConfig) -> dict[str, jax.Array]:
@@ -185,8 +185,8 @@ def signed_kernels(params: HGRUParams, config: HGRUConfig) -> dict[str, jax.Arra
     penalty per presynaptic channel of each, or ``two_population_penalty(excitatory, inhibitory)``
     (``W_E ≥ 0`` and ``−W_I ≤ 0``: hGRU's architectural split made exact).
     """
-    w_inh, w_exc = kernels(params, config)
-    return {"excitatory": w_exc, "inhibitory": -w_inh}
+    w_inhibit, w_excite = kernels(params, config)
+    return {"excitatory": w_excite, "inhibitory": -w_inhibit}
 
 
 def _norm(params: HGRUParams, site: int, x: jax.Array, config: HGRUConfig) -> jax.Array:
@@ -205,13 +205,13 @@ def _per_channel(v: jax.Array, like: jax.Array) -> jax.Array:
 
 def loop_map(params: HGRUParams, drive: jax.Array, h: jax.Array, config: HGRUConfig) -> jax.Array:
     """One hGRU loop ``Φ(h; x)`` (the module docstring's seven lines)."""
-    w_inh, w_exc = kernels(params, config)
+    w_inhibit, w_excite = kernels(params, config)
     ch = functools.partial(_per_channel, like=h)
     g1 = jax.nn.sigmoid(_norm(params, 0, _one_by_one(h, params.u_gain, params.b_gain), config))
-    c1 = _norm(params, 1, conv(g1 * h, w_inh), config)
+    c1 = _norm(params, 1, conv(g1 * h, w_inhibit), config)
     h1 = activate(drive - (ch(params.alpha) * h + ch(params.mu)) * c1, config.activation)
     g2 = jax.nn.sigmoid(_norm(params, 2, _one_by_one(h1, params.u_mix, params.b_mix), config))
-    c2 = _norm(params, 3, conv(h1, w_exc), config)
+    c2 = _norm(params, 3, conv(h1, w_excite), config)
     gc2 = ch(params.gamma) * c2
     h_tilde = activate(ch(params.kappa) * (h1 + gc2) + ch(params.omega) * (h1 * gc2), config.activation)
     return (1.0 - g2) * h + g2 * h_tilde
@@ -227,15 +227,15 @@ def check_params(params: HGRUParams, drive: jax.Array, config: HGRUConfig) -> No
     if drive.ndim != 4:
         raise ValueError(f"drive must be NHWC [batch, height, width, channels]; got shape {tuple(drive.shape)}.")
     c, k = drive.shape[-1], config.kernel_size
-    if tuple(params.w_inh.shape) != (k, k, c, c):
+    if tuple(params.w_inhibit.shape) != (k, k, c, c):
         raise ValueError(
-            f"w_inh has shape {tuple(params.w_inh.shape)} but kernel_size={k} on a {c}-channel drive needs "
+            f"w_inhibit has shape {tuple(params.w_inhibit.shape)} but kernel_size={k} on a {c}-channel drive needs "
             f"{(k, k, c, c)}; the params, config and drive disagree."
         )
-    if (params.w_exc is None) != config.shared_kernel:
+    if (params.w_excite is None) != config.shared_kernel:
         raise ValueError(
-            f"params.w_exc must be None exactly when shared_kernel=True; got shared_kernel={config.shared_kernel} "
-            f"and w_exc={'None' if params.w_exc is None else 'an array'}."
+            f"params.w_excite must be None exactly when shared_kernel=True; got shared_kernel={config.shared_kernel} "
+            f"and w_excite={'None' if params.w_excite is None else 'an array'}."
         )
     if (params.norms is None) != (config.gate_norm == "none"):
         raise ValueError(f"params.norms and gate_norm={config.gate_norm!r} disagree; initialise with the same config.")

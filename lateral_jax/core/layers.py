@@ -9,15 +9,16 @@ parametrised E/I form), ``w_inh`` (two-population form), ``drive_norm_{scale,bia
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lateral_jax.core import ei, recurrence
+from lateral_jax.core import ei, implicit, recurrence
 from lateral_jax.core.config import LateralConfig, LoopOptions
-from lateral_jax.core.layer import Unrolled
+from lateral_jax.core.layer import Unrolled, fixed_point_map
 from lateral_jax.core.params import LateralParams, NormParams, init_afferent_kernel
 
 
@@ -73,6 +74,9 @@ class LateralConv(nn.Module):
       excitatory_fraction: fraction of E channels for the parametrised form.
       unshared: the compute-matched control: one lateral kernel per loop, ``w_lat: [T, l, l, C, C]``.
       dtype: computation dtype (parameters stay float32).
+      contractor_weight, contractor_threshold: in ``grad_mode="implicit"``, C-RBP's contraction
+        penalty at the fixed point (:func:`lateral_jax.core.implicit.contractor_penalty` of
+        ``F(a) = f(N_l(d + L(a)))``), times the weight, is sown into the ``"penalties"`` collection.
     """
 
     features: int
@@ -83,6 +87,8 @@ class LateralConv(nn.Module):
     excitatory_fraction: float = 0.8
     unshared: bool = False
     dtype: Any = jnp.float32
+    contractor_weight: float = 0.0
+    contractor_threshold: float = 0.9
 
     @nn.compact
     def __call__(self, x: jax.Array, *, return_states: bool = False) -> Unrolled:
@@ -112,6 +118,13 @@ class LateralConv(nn.Module):
         params = LateralParams(w_ff, b_ff, drive_norm=drive_norm, **lateral)
         if self.unshared:
             return recurrence.unroll_unshared(params, x, config=cfg, loop=self.loop, return_states=return_states)
+        if self.contractor_weight and self.loop.grad_mode == "implicit":
+            drive = recurrence.afferent_drive(params, x, cfg)
+            out = recurrence.recur(params, drive, num_steps=num_steps, config=cfg, loop=self.loop, return_states=False)
+            fmap = functools.partial(fixed_point_map, params, drive, config=cfg)
+            penalty = implicit.contractor_penalty(fmap, out.final, threshold=self.contractor_threshold)
+            self.sow("penalties", "contractor", self.contractor_weight * penalty)
+            return out
         return recurrence.unroll(
             params, x, num_steps=num_steps, config=cfg, loop=self.loop, return_states=return_states
         )

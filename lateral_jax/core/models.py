@@ -88,6 +88,8 @@ class LateralCNN(nn.Module):
         :meth:`ei_penalty` (``ei_weight · L_EI``), the parametrised mode changes the parameters.
       unshared: the compute-matched control (one lateral kernel per loop).
       dtype: computation dtype (bfloat16 for mixed precision; params and logits stay float32).
+      contractor_weight, contractor_threshold: C-RBP's penalty in implicit mode
+        (:class:`~lateral_jax.core.layers.LateralConv`).
     """
 
     widths: Sequence[int] = (32, 64, 128)
@@ -101,6 +103,8 @@ class LateralCNN(nn.Module):
     excitatory_fraction: float = 0.8
     unshared: bool = False
     dtype: Any = jnp.float32
+    contractor_weight: float = 0.0
+    contractor_threshold: float = 0.9
 
     @nn.compact
     def __call__(self, x: jax.Array, *, record: Record = False) -> ModelOutput:
@@ -123,6 +127,8 @@ class LateralCNN(nn.Module):
                 excitatory_fraction=self.excitatory_fraction,
                 unshared=self.unshared,
                 dtype=self.dtype,
+                contractor_weight=self.contractor_weight,
+                contractor_threshold=self.contractor_threshold,
                 name=name,
             )(h, return_states=_wants(record, name))
             h = pooling.max_pool(_collect(out, name, states, residuals), 2)

@@ -63,6 +63,12 @@ def record_states(model: Any, params: Any, images: jax.Array, *, batch_size: int
     return {name: np.concatenate(parts, axis=1)[:, :n] for name, parts in chunks.items()}
 
 
+def has_lateral_layers(params: Any) -> bool:
+    """Whether ``params`` hold a lateral layer the probe measures (a ``LateralConv``'s ``w_ff`` and
+    lateral kernel); the hGRU model has none."""
+    return any("w_lat" in path or "v_lat" in path for path in ei.lateral_kernels(params))
+
+
 def centre(states: np.ndarray) -> np.ndarray:
     """Responses of the centre unit of each channel: ``[T+1, N, H, W, C]`` → ``[T+1, N, C]``."""
     return states[:, :, states.shape[2] // 2, states.shape[3] // 2, :]

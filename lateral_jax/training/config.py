@@ -17,15 +17,16 @@ from typing import Any
 
 from lateral_jax.core import ei
 from lateral_jax.core.config import LateralConfig, LoopOptions
+from lateral_jax.core.hgru import HGRUConfig
 from lateral_jax.training.data import official, sources
 from lateral_jax.training.divergence import DivergenceConfig
 from lateral_jax.training.train import OptimizerConfig
 
-SYNTHETIC = ("contour", "pathfinder")
+SYNTHETIC = ("contour", "pathfinder", "pathfinder_published")
 DATASETS = (*SYNTHETIC, *official.DATASETS, "image_folder", "tfds")
 CROPS = ("pad", "random_resized")
 BLOCKS = ("basic", "bottleneck")
-MODEL_KINDS = ("fcnn", "fcnn_matched", "lccnn", "lceicnn", "unshared", "lateral_resnet")
+MODEL_KINDS = ("fcnn", "fcnn_matched", "lccnn", "lceicnn", "unshared", "lateral_resnet", "hgru")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,10 @@ class ModelConfig:
       loop: how their loops run and are differentiated, :class:`LoopOptions`.
       ei_mode, ei_weight, excitatory_fraction: E/I separation (:mod:`lateral_jax.core.ei`).
       dtype: computation dtype, float32 or bfloat16 (parameters stay float32).
+      hgru: the hGRU's :class:`~lateral_jax.core.hgru.HGRUConfig` (kind ``hgru``: a stem
+        convolution of ``lateral.kernel_size`` to ``widths[0]`` channels, then the hGRU).
+      contractor_weight, contractor_threshold: C-RBP's contraction penalty (weight and λ) at
+        every lateral layer's fixed point; ``loop.grad_mode="implicit"`` only.
     """
 
     kind: str = "lccnn"
@@ -111,6 +116,9 @@ class ModelConfig:
     ei_weight: float = 0.0
     excitatory_fraction: float = 0.8
     dtype: str = "float32"
+    hgru: HGRUConfig = HGRUConfig()
+    contractor_weight: float = 0.0
+    contractor_threshold: float = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,11 +196,21 @@ def validate(config: RunConfig) -> None:
         raise ValueError(f"label_smoothing={config.label_smoothing!r} must lie in [0, 1).")
     if m.ei_weight < 0:
         raise ValueError(f"ei_weight={m.ei_weight!r} must be >= 0 (λ_EI in CE + λ_EI·L_EI).")
+    if not 0 <= m.contractor_weight < float("inf"):
+        raise ValueError(f"contractor_weight={m.contractor_weight!r} must be a finite number >= 0.")
+    if m.contractor_weight > 0 and m.loop.grad_mode != "implicit":
+        raise ValueError(
+            f"contractor_weight={m.contractor_weight} (C-RBP) acts at a fixed point: set loop.grad_mode='implicit' "
+            f"(got {m.loop.grad_mode!r}) or contractor_weight=0."
+        )
+
     ei.check_mode(m.ei_mode)
     ei.check_fraction(m.excitatory_fraction)
     if m.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype={m.dtype!r} must be 'float32' or 'bfloat16'.")
     _check_widths(m)
+    if m.kind == "hgru":
+        m.hgru.check_channels(m.widths[0])
     _check_counts(config)
     if not 0 < config.num_epochs < float("inf"):  # NaN fails too
         raise ValueError(f"num_epochs={config.num_epochs!r} must be a finite number > 0.")

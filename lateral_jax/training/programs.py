@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from lateral_jax.core import dynamics, models
+from lateral_jax.core import dynamics, hgru_models, models
 from lateral_jax.training import device_epochs, train
 from lateral_jax.training.config import ModelConfig
 from lateral_jax.training.train import OptimizerConfig
@@ -74,6 +74,22 @@ def build_model(config: ModelConfig, num_classes: int, input_shape: tuple[int, .
             num_steps=config.num_steps,
             **common,
         )
+    if config.kind == "hgru":
+        return hgru_models.HGRUNet(
+            width=config.widths[0],
+            stem_size=config.lateral.kernel_size,
+            num_classes=num_classes,
+            num_steps=config.num_steps,
+            config=config.hgru,
+            loop=config.loop,
+            ei_mode=config.ei_mode,
+            ei_weight=config.ei_weight,
+            contractor_weight=config.contractor_weight,
+            contractor_threshold=config.contractor_threshold,
+            dtype=common["dtype"],
+        )
+    if config.contractor_weight > 0:
+        common.update(contractor_weight=config.contractor_weight, contractor_threshold=config.contractor_threshold)
     if config.kind == "fcnn":
         return models.LateralCNN(widths=config.widths, num_steps=0, **common)
     if config.kind == "fcnn_matched":

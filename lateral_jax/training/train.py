@@ -204,8 +204,15 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 def loss_and_metrics(
     model: Any, params: Any, batch: Batch, *, label_smoothing: float = 0.0
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``CE + λ_EI · L_EI`` and the per-batch metrics (loss parts, accuracy, final-loop change)."""
-    out = model.apply({"params": params}, batch["image"])
+    """``CE + λ_EI · L_EI`` (``+ the C-RBP penalties`` the layers sow when the model has a
+    ``contractor_weight``) and the per-batch metrics (loss parts, accuracy, final-loop change)."""
+    contractor = None
+    if getattr(model, "contractor_weight", 0.0) > 0:  # C-RBP: the layers sow their penalties
+        out, sown = model.apply({"params": params}, batch["image"], mutable=["penalties"])
+        contractor = sum(jnp.sum(v) for v in jax.tree_util.tree_leaves(sown.get("penalties", {})))
+        contractor = jnp.asarray(contractor, jnp.float32)
+    else:
+        out = model.apply({"params": params}, batch["image"])
     ce = cross_entropy(out.logits, batch["label"], label_smoothing).mean()
     penalty = model.ei_penalty(params)
     metrics = {
@@ -213,6 +220,9 @@ def loss_and_metrics(
         "ei_penalty": penalty,
         "accuracy": jnp.mean(jnp.argmax(out.logits, -1) == batch["label"]),
     }
+    if contractor is not None:
+        metrics["contractor_penalty"] = contractor
+        penalty = penalty + contractor
     if out.residuals:
         residuals = jnp.stack(list(out.residuals.values()))
         metrics["final_loop_change"] = jnp.mean(residuals)

@@ -26,7 +26,8 @@ floors of 1–2 px (at 32 px a paddle is 2 px long, 1 px thick, 1 px apart).
 
 Example ``i`` of a ``(config, seed)`` is drawn from its own generator seeded by
 ``(seed, contour_length, image_size, i)``: any process draws the same image for the same index,
-with no state (:class:`PathfinderSource`); :func:`generate` makes many in parallel.
+with no state (:class:`PathfinderSource`); :func:`generate` makes many in parallel
+(:func:`lateral_jax.training.data.synthetic.cached_generate` once per configuration, on disk).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -47,6 +49,7 @@ _PUBLISHED = {"paddle_length": 5.0, "paddle_thickness": 2.0, "paddle_margin": 3.
 _PUBLISHED_SEED_DISTANCE = 27.0
 _PUBLISHED_DISTRACTOR_PADDLES = 30
 _NUM_HEADINGS = 72
+GENERATOR_VERSION = 1  # bump when a change alters any generated example (invalidates caches)
 _DISTRACTOR_RETRIES = 4  # the published generator's max_distractor_contour_retrial
 
 
@@ -387,7 +390,8 @@ def generate(
     if workers <= 1:
         parts = [_batch(config, seed, c) for c in chunks]
     else:
-        with ProcessPoolExecutor(workers) as pool:
+        # spawn, not fork: the caller may hold JAX's threads, which a forked child must not inherit
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             parts = list(pool.map(functools.partial(_batch, config, seed), chunks))
     images = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, config.image_size, config.image_size, 1))
     labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0,), np.int32)

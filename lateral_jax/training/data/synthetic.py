@@ -20,8 +20,14 @@ vectorised over the batch with NumPy and deterministic for a given ``seed``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
 
 import numpy as np
+
+from lateral_jax.training.data import pathfinder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,11 +210,58 @@ def pathfinder_images(
     return {"image": np.clip(out, -1.0, 1.0), "label": labels}
 
 
-TASKS = {"contour": (contour_images, ContourSpec), "pathfinder": (pathfinder_images, PathfinderSpec)}
+def cache_path(
+    config: pathfinder.PathfinderConfig, num_examples: int, seed: int, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """Where :func:`cached_generate` keeps the examples of ``(config, num_examples, seed)``:
+    ``<cache_dir or $LATERAL_JAX_DATA or ~/.cache/lateral_jax/data>/pathfinder/<digest>.npz``."""
+    root = Path(cache_dir or os.environ.get("LATERAL_JAX_DATA") or Path.home() / ".cache" / "lateral_jax" / "data")
+    key = json.dumps([dataclasses.asdict(config), num_examples, seed, pathfinder.GENERATOR_VERSION], sort_keys=True)
+    return root / "pathfinder" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
+
+
+def cached_generate(
+    config: pathfinder.PathfinderConfig, num_examples: int, *, seed: int, cache_dir: str | os.PathLike | None = None
+) -> dict[str, np.ndarray]:
+    """:func:`~lateral_jax.training.data.pathfinder.generate` once per ``(config, num_examples, seed)``
+    and generator version: later calls (other runs, other processes) read the ``.npz`` it wrote
+    (atomically, by rename)."""
+    path = cache_path(config, num_examples, seed, cache_dir)
+    if path.exists():
+        with np.load(path) as stored:
+            return {"image": stored["image"], "label": stored["label"]}
+    arrays = pathfinder.generate(config, num_examples, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")
+    np.savez(partial, **arrays)
+    os.replace(partial, path)
+    return arrays
+
+
+def published_pathfinder_images(
+    num_examples: int, *, seed: int, spec: pathfinder.PathfinderConfig = pathfinder.PathfinderConfig()
+) -> dict[str, np.ndarray]:
+    """``{"image": f32[N, S, S, 1], "label": i32[N]}`` of Pathfinder by the published procedure
+    (:mod:`lateral_jax.training.data.pathfinder`), generated in parallel and cached on disk."""
+    return cached_generate(spec, num_examples, seed=seed)
+
+
+def _published_spec(contour_length: int = 6, image_size: int = 32, **overrides) -> pathfinder.PathfinderConfig:
+    return pathfinder.PathfinderConfig.published(contour_length, image_size, **overrides)
+
+
+TASKS = {
+    "contour": (contour_images, ContourSpec),
+    "pathfinder": (pathfinder_images, PathfinderSpec),
+    "pathfinder_published": (published_pathfinder_images, _published_spec),
+}
 
 
 def make_task(name: str, num_examples: int, *, seed: int, **spec_overrides) -> dict[str, np.ndarray]:
-    """Generates ``num_examples`` of task ``name`` ("contour" | "pathfinder") with spec overrides."""
+    """Generates ``num_examples`` of task ``name`` ("contour" | "pathfinder" | "pathfinder_published")
+    with spec overrides (for ``pathfinder_published``: ``contour_length``, ``image_size`` and any
+    :class:`~lateral_jax.training.data.pathfinder.PathfinderConfig` field, on top of
+    :meth:`~lateral_jax.training.data.pathfinder.PathfinderConfig.published`)."""
     if name not in TASKS:
         raise ValueError(f"synthetic task {name!r} is unknown; choose one of {sorted(TASKS)}.")
     generate, spec_cls = TASKS[name]
