@@ -363,3 +363,13 @@ def test_published_pathfinder_task_is_generated_once_and_read_from_the_cache(tmp
     np.testing.assert_array_equal(first["image"], pathfinder.generate(spec, 6, seed=2, workers=1)["image"])
     np.savez(path, image=np.zeros_like(first["image"]), label=first["label"])  # a cached file is what is read
     assert float(np.abs(synthetic.make_task("pathfinder_published", 6, seed=2, contour_length=9)["image"]).max()) == 0
+
+
+def test_the_probe_measures_cnn_layers_and_leaves_the_hgru_model_out():
+    from lateral_jax.core import models
+    from lateral_jax.neuro import probe
+
+    x = jnp.zeros((1, 8, 8, 1))
+    assert probe.has_lateral_layers(models.FCNN(widths=(8,)).init(jax.random.key(0), x)["params"])
+    assert probe.has_lateral_layers(models.LCCNN(widths=(8,), num_steps=1).init(jax.random.key(0), x)["params"])
+    assert not probe.has_lateral_layers(_model().init(jax.random.key(0), x)["params"])

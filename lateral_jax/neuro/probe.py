@@ -64,9 +64,10 @@ def record_states(model: Any, params: Any, images: jax.Array, *, batch_size: int
 
 
 def has_lateral_layers(params: Any) -> bool:
-    """Whether ``params`` hold a lateral layer the probe measures (a ``LateralConv``'s ``w_ff`` and
-    lateral kernel); the hGRU model has none."""
-    return any("w_lat" in path or "v_lat" in path for path in ei.lateral_kernels(params))
+    """Whether ``params`` hold a layer the probe measures (a ``LateralConv``, identified by its
+    ``w_ff``; an F-CNN's layers count, the hGRU model's stem and loop do not)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return any(any(getattr(entry, "key", None) == "w_ff" for entry in path) for path, _ in leaves)
 
 
 def centre(states: np.ndarray) -> np.ndarray:
