@@ -122,8 +122,8 @@ class LateralConfig:
         if not 0.0 < self.leak <= 1.0:
             raise ValueError(f"leak={self.leak!r} must lie in (0, 1]; 1 means no leak.")
         check_positive_int("num_groups", self.num_groups)
-        if self.lateral_init_scale < 0:
-            raise ValueError(f"lateral_init_scale={self.lateral_init_scale!r} must be >= 0.")
+        if not 0 <= self.lateral_init_scale < float("inf"):  # NaN fails too
+            raise ValueError(f"lateral_init_scale={self.lateral_init_scale!r} must be a finite number >= 0.")
         if self.inhibitory_size is not None and self.mixing != "full":
             raise ValueError("inhibitory_size (two-population E/I form) needs mixing='full'.")
 

@@ -194,8 +194,17 @@ def validate(config: RunConfig) -> None:
         )
     if not 0.0 <= config.label_smoothing < 1.0:
         raise ValueError(f"label_smoothing={config.label_smoothing!r} must lie in [0, 1).")
-    if m.ei_weight < 0:
-        raise ValueError(f"ei_weight={m.ei_weight!r} must be >= 0 (λ_EI in CE + λ_EI·L_EI).")
+    if not 0 <= m.ei_weight < float("inf"):  # NaN fails too
+        raise ValueError(f"ei_weight={m.ei_weight!r} must be a finite number >= 0 (λ_EI in CE + λ_EI·L_EI).")
+    if not 0 < d.validation_fraction < 1:
+        raise ValueError(
+            f"validation_fraction={d.validation_fraction!r} must lie strictly between 0 and 1 (the share of the "
+            "training split held out for validation)."
+        )
+    for name in ("num_train", "num_validation"):
+        value = getattr(d, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a whole number >= 1 (examples generated for the split).")
     if not 0 <= m.contractor_weight < float("inf"):
         raise ValueError(f"contractor_weight={m.contractor_weight!r} must be a finite number >= 0.")
     if m.contractor_weight > 0 and m.loop.grad_mode != "implicit":
