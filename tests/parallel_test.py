@@ -129,3 +129,42 @@ def test_every_grad_mode_under_shard_map_equals_one_device(grad_mode):
     )
     got = sharded(params, x, cot)
     chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_data_parallel_helper_fixes_the_naive_steps_device_count_error():
+    """In a user's own ``shard_map`` step with replicated parameters, a naive ``value_and_grad`` of each
+    device's mean loss returns 8 × the gradient of the global mean on 8 devices; the library's
+    helper returns that gradient (and the global mean loss)."""
+    from lateral_jax.core import recurrence
+    from lateral_jax.core.config import LateralConfig
+    from lateral_jax.core.params import init_params
+    from lateral_jax.core.sharding import data_parallel_value_and_grad, make_mesh
+
+    config = LateralConfig.stable(num_groups=2)
+    params = init_params(jax.random.key(0), in_channels=3, out_channels=4, config=config)
+    x = jax.random.normal(jax.random.key(1), (16, 6, 6, 3))
+
+    def loss(p, x):
+        return jax.numpy.mean(recurrence.unroll(p, x, num_steps=2, config=config, return_states=False).final ** 2)
+
+    want_loss, want_grads = jax.value_and_grad(loss)(params, x)
+
+    def naive(p, x):
+        value, grads = jax.value_and_grad(loss)(p, x)
+        return jax.lax.pmean(value, DATA_AXIS), grads
+
+    def run(step):
+        return jax.jit(jax.shard_map(step, mesh=make_mesh(), in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P())))(
+            params, x
+        )
+
+    _, naive_grads = run(naive)
+    chex.assert_trees_all_close(naive_grads, jax.tree.map(lambda g: 8 * g, want_grads), rtol=1e-5, atol=1e-6)
+    got_loss, got_grads = run(data_parallel_value_and_grad(loss))
+    chex.assert_trees_all_close((got_loss, got_grads), (want_loss, want_grads), rtol=1e-5, atol=1e-7)
+    with_aux = data_parallel_value_and_grad(lambda p, x: (loss(p, x), x.shape[0]), has_aux=True)
+    ((aux_loss, per_device), aux_grads) = jax.jit(
+        jax.shard_map(with_aux, mesh=make_mesh(), in_specs=(P(), P(DATA_AXIS)), out_specs=((P(), P()), P()))
+    )(params, x)
+    assert int(per_device) == 2
+    chex.assert_trees_all_close((aux_loss, aux_grads), (want_loss, want_grads), rtol=1e-5, atol=1e-7)

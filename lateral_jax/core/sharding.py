@@ -49,3 +49,37 @@ def data_parallel_mesh(batch: int, *, who: str):
             f"{mesh.shape[DATA_AXIS]} devices of the mesh's {DATA_AXIS!r} axis; use a multiple of it."
         )
     return mesh
+
+
+def _varying(x: jax.Array, axis_name: str) -> jax.Array:
+    """``x`` marked as varying along ``axis_name`` inside ``jax.shard_map`` (unchanged if it already is)."""
+    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    varying = getattr(manual, "varying", None) if manual is not None else getattr(jax.typeof(x), "vma", ())
+    return x if axis_name in (varying or ()) else jax.lax.pcast(x, axis_name, to="varying")
+
+
+def data_parallel_value_and_grad(loss_fn: Callable, axis_name: str = DATA_AXIS, *, has_aux: bool = False) -> Callable:
+    """``jax.value_and_grad(loss_fn)`` for a user's own step inside ``jax.shard_map``, where the
+    parameters are replicated (``P()``) and each device's batch is a shard: returns the mean over
+    devices of the per-device losses and **the gradient of that mean**.
+
+    The pitfall it removes: differentiating a replicated parameter inside ``shard_map`` transposes
+    its implicit broadcast into a ``psum``, so a naive ``jax.grad`` of each device's mean loss
+    returns the *sum* of the per-device gradients — the device count times the gradient of the
+    global mean loss.  Here the parameters are first marked varying (``jax.lax.pcast(...,
+    to="varying")``), so each device differentiates its own loss, and the gradients and the loss
+    are then averaged with ``jax.lax.pmean``.  ``loss_fn(params, *args)`` returns a scalar (or
+    ``(scalar, aux)`` with ``has_aux``; ``aux`` is returned per device).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
+
+    def wrapped(params, *args, **kwargs):
+        params = jax.tree.map(lambda p: _varying(p, axis_name), params)
+        value, grads = grad_fn(params, *args, **kwargs)
+        grads = jax.lax.pmean(grads, axis_name)
+        if has_aux:
+            loss, aux = value
+            return (jax.lax.pmean(loss, axis_name), aux), grads
+        return jax.lax.pmean(value, axis_name), grads
+
+    return wrapped
