@@ -220,3 +220,36 @@ def test_a_batch_larger_than_the_training_split_is_refused_by_both_feeds(tmp_pat
     )
     with pytest.raises(ValueError, match="batch_size=32 exceeds the 16 training examples"):
         run.train_and_evaluate(cfg, tmp_path)
+
+
+def test_stability_advice_reads_the_run_config():
+    import dataclasses
+
+    from lateral_jax.core.hgru import HGRUConfig
+
+    run = config.RunConfig()
+    stable = config.stability_advice(run)
+    assert "lower optimizer.learning_rate (now 0.001)" in stable or "lower optimizer.learning_rate" in stable
+    assert "loop norm" not in stable and "lateral_init_scale (now 0.1)" in stable
+    paper = dataclasses.replace(run, model=dataclasses.replace(run.model, lateral=LateralConfig.paper()))
+    assert "a loop norm (model.lateral.loop_norm='group'" in config.stability_advice(paper)
+    relu_hgru = dataclasses.replace(run, model=dataclasses.replace(run.model, kind="hgru", hgru=HGRUConfig()))
+    assert "model.hgru.activation='tanh', now 'relu'" in config.stability_advice(relu_hgru)
+    implicit = dataclasses.replace(run, model=dataclasses.replace(run.model, loop=LoopOptions(grad_mode="implicit")))
+    assert "contractor_weight" in config.stability_advice(implicit)
+
+
+def test_the_implicit_warning_does_not_advise_a_loop_norm_to_a_layer_that_has_one():
+    import warnings
+
+    from lateral_jax.core import implicit
+
+    implicit._nonconverged_calls = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        implicit._warn_if_not_converged(0.5, 1e-5, 10, LateralConfig.stable())
+        implicit._nonconverged_calls = 0
+        implicit._warn_if_not_converged(0.5, 1e-5, 10, LateralConfig.paper())
+    stable_message, paper_message = (str(w.message) for w in caught)
+    assert "loop norm" not in stable_message and "lateral_init_scale (now 0.1)" in stable_message
+    assert "use a loop norm (LateralConfig.stable())" in paper_message

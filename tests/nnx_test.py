@@ -91,3 +91,28 @@ def test_nnx_optimizer_trains_and_wrong_input_is_refused():
     assert losses[-1] < 0.5 * losses[0]
     with pytest.raises(ValueError, match="channels"):
         model(jnp.zeros((1, 8, 8, 3)))
+
+
+def test_nnx_layers_give_their_params_and_spectral_radii_as_the_linen_analysis():
+    from lateral_jax.core import dynamics, models, nnx_models
+    from lateral_jax.core.config import LateralConfig
+
+    cfg = LateralConfig.stable(num_groups=2, lateral_init_scale=0.5)
+    linen = models.LCCNN(widths=(4,), num_steps=2, lateral=cfg)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    variables = linen.init(jax.random.key(1), x)
+    want = dynamics.layer_spectral_radii(linen, variables, x, num_iters=20)["lateral_0"]
+    twin = nnx_models.LCCNN(in_features=3, widths=(4,), num_steps=2, lateral=cfg, rngs=nnx.Rngs(0))
+    nnx_models.load_params(twin, variables["params"])
+    layer = twin.lateral_0 if hasattr(twin, "lateral_0") else twin.layers[0]
+    np.testing.assert_allclose(layer.spectral_radius(x, num_iters=20), want, rtol=1e-4)
+    recurrence_layer = nnx_models.LateralRecurrence(4, num_steps=2, config=cfg, rngs=nnx.Rngs(0))
+    drive = jax.random.normal(jax.random.key(2), (2, 8, 8, 4))
+    p = recurrence_layer.layer_params()
+    assert p.w_ff is None and p.w_lat.shape == (3, 3, 4, 4)
+    state = recurrence_layer(drive).final
+    np.testing.assert_allclose(
+        recurrence_layer.spectral_radius(drive, num_iters=20),
+        dynamics.spectral_radius(p, drive, state, config=cfg, num_iters=20),
+        rtol=1e-6,
+    )

@@ -104,7 +104,15 @@ def _solve(params: LateralParams, drive: jax.Array, config: LateralConfig, tol: 
 _nonconverged_calls = 0
 
 
-def _warn_if_not_converged(residual, tol: float, max_steps: int) -> None:
+def _advice(config: LateralConfig | None) -> str:
+    """What to change when the solve does not converge, read from the layer's config."""
+    if config is not None and config.loop_norm == "none":
+        return "use a loop norm (LateralConfig.stable()), a smaller lateral_init_scale"
+    scale = "" if config is None else f" (now {config.lateral_init_scale:g})"
+    return f"use a smaller lateral_init_scale{scale}, C-RBP's contractor_penalty while training"
+
+
+def _warn_if_not_converged(residual, tol: float, max_steps: int, config: LateralConfig | None = None) -> None:
     """Host side of the convergence check: warns at the 1st, 10th, 100th, ... non-converged solve."""
     global _nonconverged_calls
     residual = float(residual)
@@ -116,9 +124,8 @@ def _warn_if_not_converged(residual, tol: float, max_steps: int) -> None:
     warnings.warn(
         f"grad_mode='implicit': the fixed-point iteration stopped after implicit_max_steps={max_steps} with "
         f"residual {residual:.3g} > implicit_tol={tol:g} (non-converged solve #{_nonconverged_calls}); the "
-        "outputs and gradients are not those of a long unroll. The lateral map is not contractive: use a loop "
-        "norm (LateralConfig.stable()), a smaller lateral_init_scale, more implicit_max_steps, or "
-        "grad_mode='full'/'remat'.",
+        f"outputs and gradients are not those of a long unroll. The lateral map is not contractive: "
+        f"{_advice(config)}, more implicit_max_steps, or grad_mode='full'/'remat'.",
         RuntimeWarning,
         stacklevel=2,
     )
@@ -146,7 +153,8 @@ def fixed_point(
         fixed_point_map(jax.lax.stop_gradient(params), jax.lax.stop_gradient(drive), a_sg, config), a_sg
     )
     if warn:
-        jax.debug.callback(functools.partial(_warn_if_not_converged, tol=tol, max_steps=max_steps), residual)
+        warn_fn = functools.partial(_warn_if_not_converged, tol=tol, max_steps=max_steps, config=config)
+        jax.debug.callback(warn_fn, residual)
     return a_star, residual
 
 

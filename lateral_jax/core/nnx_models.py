@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen, nnx
 
-from lateral_jax.core import ei, pooling, recurrence
+from lateral_jax.core import dynamics, ei, pooling, recurrence
 from lateral_jax.core.config import LateralConfig, LoopOptions
 from lateral_jax.core.layer import Unrolled, check_input
 from lateral_jax.core.models import ModelOutput, Record, _check_widths, _wants, weighted_ei_penalty
@@ -131,6 +131,16 @@ class LateralConv(_LateralParams):
             return LateralParams(self.w_ff[...], self.b_ff[...], None, None, drive_norm, _read_norm(self, "loop_norm"))
         return LateralParams(self.w_ff[...], self.b_ff[...], drive_norm=drive_norm, **self.lateral())
 
+    def spectral_radius(self, x: jax.Array, *, num_iters: int = 40) -> jax.Array:
+        """``ρ(J_S(a(T)))`` per example of this layer's loop at its final state on input ``x`` (as
+        :func:`lateral_jax.core.dynamics.layer_spectral_radii` for Linen; not for the unshared control)."""
+        if self.num_steps == 0 or self.unshared:
+            raise ValueError("spectral_radius needs a weight-shared layer with num_steps > 0 (one loop map).")
+        params, cfg = self.layer_params(), self.lateral_config
+        drive = recurrence.afferent_drive(params, x.astype(self.dtype), cfg)
+        state = self(x).final
+        return dynamics.spectral_radius(params, drive, state, config=cfg, num_iters=num_iters)
+
     def __call__(self, x: jax.Array, *, return_states: bool = False) -> Unrolled:
         check_input(x, self.in_features)
         params, cfg = self.layer_params(), self.lateral_config
@@ -170,8 +180,20 @@ class LateralRecurrence(_LateralParams):
             rngs=rngs,
         )
 
+    def layer_params(self) -> LateralParams:
+        """The pure :class:`LateralParams` of this layer (no ``w_ff``/``b_ff``: it is given its drive)."""
+        return LateralParams(None, None, **self.lateral())
+
+    def spectral_radius(self, drive: jax.Array, *, num_iters: int = 40) -> jax.Array:
+        """``ρ(J_S(a(T)))`` per example of this layer's loop at its final state on ``drive`` (as
+        :func:`lateral_jax.core.dynamics.layer_spectral_radii` for Linen)."""
+        state = self(drive).final
+        return dynamics.spectral_radius(
+            self.layer_params(), drive, state, config=self.lateral_config, num_iters=num_iters
+        )
+
     def __call__(self, drive: jax.Array, *, return_states: bool = False) -> Unrolled:
-        params = LateralParams(None, None, **self.lateral())
+        params = self.layer_params()
         return recurrence.recur(
             params, drive, num_steps=self.num_steps, config=self.lateral_config, loop=self.loop,
             return_states=return_states,

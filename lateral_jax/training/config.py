@@ -303,3 +303,23 @@ def from_dict(raw: dict[str, Any], cls: type = RunConfig, *, where: str = "confi
     if unknown:
         raise ValueError(f"{where} has unknown field(s) {unknown}; {cls.__name__} has {names}.")
     return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in raw.items()})
+
+
+def stability_advice(config: RunConfig) -> str:
+    """What to change when this run's loss diverged or went non-finite, read from its config (so a
+    run already on a loop norm is not told to add one)."""
+    m, opt = config.model, config.optimizer
+    advice = [f"lower optimizer.learning_rate (now {opt.learning_rate:g})"]
+    if opt.grad_clip_norm is None:
+        advice.append("enable optimizer.grad_clip_norm (e.g. 1.0)")
+    else:
+        advice.append(f"tighten optimizer.grad_clip_norm (now {opt.grad_clip_norm:g})")
+    if m.kind == "hgru" and m.hgru.activation not in ("tanh",):
+        advice.append(f"a bounded hGRU activation (model.hgru.activation='tanh', now {m.hgru.activation!r})")
+    elif m.kind != "hgru" and m.num_steps > 0 and m.lateral.loop_norm == "none":
+        advice.append("a loop norm (model.lateral.loop_norm='group': LateralConfig.stable())")
+    elif m.kind != "hgru" and m.num_steps > 0:
+        advice.append(f"a smaller model.lateral.lateral_init_scale (now {m.lateral.lateral_init_scale:g})")
+    if m.loop.grad_mode == "implicit":
+        advice.append("C-RBP's contraction penalty (model.contractor_weight > 0) or grad_mode 'full'")
+    return "Try: " + "; ".join(advice) + "."

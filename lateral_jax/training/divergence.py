@@ -63,8 +63,11 @@ class DivergenceError(ArithmeticError):
 class DivergenceMonitor:
     """Feeds on ``(step, cross-entropy)`` records; acts per :class:`DivergenceConfig`."""
 
-    def __init__(self, config: DivergenceConfig, num_classes: int):
+    def __init__(self, config: DivergenceConfig, num_classes: int, *, advice: str = ""):
         self.config = config
+        self.advice = advice or (
+            "Lower the learning rate, enable grad_clip_norm, or use a loop norm (LateralConfig.stable())."
+        )
         self.chance = math.log(num_classes)
         self.lowest = math.inf
         self.bad_since: int | None = None
@@ -97,8 +100,7 @@ class DivergenceMonitor:
         if verdict is None:
             return
         message = (
-            f"training diverged: {verdict}. Lower the learning rate, enable grad_clip_norm, or use a loop norm "
-            "(LateralConfig.stable()); set divergence.action='warn' or 'off' to train on regardless."
+            f"training diverged: {verdict}. {self.advice} Set divergence.action='warn' or 'off' to train on regardless."
         )
         if self.config.action == "stop":
             raise DivergenceError(message, step=step)

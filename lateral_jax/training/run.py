@@ -39,6 +39,7 @@ from lateral_jax.training.config import (
     ModelConfig,
     RunConfig,
     from_dict,
+    stability_advice,
     to_dict,
     validate,
 )
@@ -136,7 +137,7 @@ class _Run:
             self.feed = HostFeed(config, self.data, p.step, self.mesh)
         self.ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
         self.writer: MetricWriter | None = None  # opened once the resume step is known
-        self.divergence = DivergenceMonitor(config.divergence, self.data.num_classes)
+        self.divergence = DivergenceMonitor(config.divergence, self.data.num_classes, advice=stability_advice(config))
 
     def batches(self, source: Any):
         """This process's part of every evaluation batch of ``source``."""
@@ -210,7 +211,7 @@ class _Run:
             raise train.NonFiniteLossError(
                 f"non-finite loss or gradient at step {bad} (updates from that step on were skipped). "
                 f"The last good checkpoint is kept: step {self.newest_checkpoint()} in {self.ckpt.directory}. "
-                "Lower the learning rate, enable grad_clip_norm, or use a loop norm (LateralConfig.stable()).",
+                + stability_advice(self.config),
                 step=bad,
             )
 
