@@ -30,6 +30,19 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 SLOW = frozenset(
     {
+        "tests/hgru_test.py::test_under_shard_map_equals_one_device",
+        "tests/hgru_test.py::test_contractor_penalty_is_sown_in_implicit_mode_and_enters_the_loss",
+        "tests/hgru_test.py::test_gradients_equal_finite_differences_in_reverse_and_forward_mode",
+        "tests/hgru_test.py::test_implicit_gradient_equals_finite_differences_and_a_long_unroll",
+        "tests/hgru_test.py::test_contractor_penalty_is_the_hinged_column_sums_of_the_jacobian",
+        "tests/hgru_test.py::test_jit_and_vmap_equal_the_plain_call",
+        "tests/hgru_test.py::test_remat_equals_full_and_truncated_equals_a_manual_stop_gradient",
+        "tests/hgru_test.py::test_the_probe_measures_cnn_layers_and_leaves_the_hgru_model_out",
+        "tests/hgru_test.py::test_nnx_model_equals_linen_in_logits_and_gradients",
+        "tests/hgru_test.py::test_lccnn_sows_the_contractor_penalty_only_when_asked",
+        "tests/hgru_test.py::test_layer_spectral_radii_include_the_hgru_and_match_nnx",
+        "tests/pathfinder_published_test.py::test_markers_are_connected_exactly_in_positive_images",
+        "tests/parallel_test.py::test_data_parallel_helper_fixes_the_naive_steps_device_count_error",
         "tests/analysis_test.py::test_stimuli_shapes_and_model_input_mapping",
         "tests/bench_test.py::test_bench_rows_and_conv_algorithms_agree",
         "tests/bench_test.py::test_bench_splits_the_batch_over_devices",
