@@ -98,7 +98,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     tpu.add_argument("--name", required=True, help="the TPU VM (pod slice) name")
     tpu.add_argument("--zone", required=True)
     tpu.add_argument("--project", default=None)
-    tpu.add_argument("--extra", default="tpu,data,analysis", help="pip extras to install on each worker")
+    tpu.add_argument("--extra", default="tpu,train,data,analysis", help="pip extras to install on each worker")
     tpu.add_argument("--checkout", default="~/lateral_jax", help="where the repository lives on each worker")
     slurm = sub.add_parser("slurm", help="a SLURM job on a GPU cluster")
     slurm.add_argument("--nodes", type=int, required=True)

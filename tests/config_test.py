@@ -158,7 +158,7 @@ except SystemExit as e:
 
 
 def test_a_core_install_trains(tmp_path):
-    """Only the core dependencies (no data, analysis or tensorboard extras) are needed to train."""
+    """The base install and the [train] extra (no data, analysis or tensorboard extras) are enough to train."""
     out = subprocess.run(
         [sys.executable, "-c", CORE_ONLY, str(tmp_path)],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
