@@ -55,3 +55,12 @@ def test_the_layer_api_imports_nothing_outside_the_base_install():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "(1, 8, 8, 8) []"
+
+
+def test_the_training_system_without_its_extra_names_the_extra():
+    code = LAYER_ONLY.format(blocked=("grain",)).split("import pkgutil")[0] + "import lateral_jax.training\n"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert "lateral_jax.training needs the 'train' extra (grain not installed): pip install 'lateral_jax[train]'" in (
+        out.stderr
+    )
