@@ -160,7 +160,16 @@ def _with_progress(items: Iterator, total: int, progress: bool) -> Iterator:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, total=total, desc="images", unit="img")
+    return tqdm(items, total=total, desc="decoding", unit="img")
+
+
+def _progress_bar(total: int, progress: bool) -> Any:
+    """A bar counting images (``None`` without ``progress``)."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="images", unit="img")
 
 
 def restore_params(
@@ -198,11 +207,15 @@ def probabilities(
         out_shardings=train.batch_sharding(mesh),
     )
     out = []
-    starts = range(0, len(images), batch_size)
-    for start in _with_progress(iter(starts), len(starts), progress):
+    bar = _progress_bar(len(images), progress)
+    for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
         out.append(np.asarray(jax.device_get(forward(params, padded)))[: len(chunk)])
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     return np.concatenate(out)
 
 
