@@ -276,7 +276,13 @@ def main(argv):
     )
     try:
         finished = _train_all(the_plan, fv.on_config_change)
-    except (run.RunFolderError, checkpoint.CheckpointMismatchError, sources.DataError, FileNotFoundError) as e:
+    except (
+        run.RunFolderError,
+        checkpoint.CheckpointMismatchError,
+        checkpoint.DiskFullError,
+        sources.DataError,
+        FileNotFoundError,
+    ) as e:
         _refuse(str(e))
     except (train.NonFiniteLossError, run.DivergenceError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -340,7 +340,7 @@ def main(argv=None) -> None:
             args.time_budget_s,
             shard=shard,
         )
-    except (run.RunFolderError, checkpoint.CheckpointMismatchError, sources.DataError) as e:
+    except (run.RunFolderError, checkpoint.CheckpointMismatchError, checkpoint.DiskFullError, sources.DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_REFUSED)
     if not finished:

@@ -30,6 +30,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 SLOW = frozenset(
     {
+        "tests/reliability_test.py::test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_checkpoint",
         "tests/hgru_test.py::test_under_shard_map_equals_one_device",
         "tests/hgru_test.py::test_contractor_penalty_is_sown_in_implicit_mode_and_enters_the_loss",
         "tests/hgru_test.py::test_gradients_equal_finite_differences_in_reverse_and_forward_mode",

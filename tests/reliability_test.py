@@ -555,3 +555,41 @@ def test_long_loops_roll_on_cpu_so_compile_time_stays_bounded():
         )
     )(params)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), rolled, unrolled)
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """The free space is checked before each checkpoint is written: a disk that fills up after the
+    first checkpoint stops the run with one line naming the folder and the space to free, and the
+    first checkpoint is intact (the rerun, with space, resumes from it)."""
+    import shutil as real_shutil
+
+    from lateral_jax.training import checkpoint
+
+    config = tiny_config(num_epochs=2.0, checkpoint_every=4)
+    saves = []
+    real_usage = real_shutil.disk_usage
+
+    def usage(path):
+        total, used, free = real_usage(path)
+        return type(real_usage(path))(total, used, free if len(saves) < 1 else 1024)
+
+    original_save = checkpoint.Checkpointer.save
+
+    def counting_save(self, step, *args, **kwargs):
+        original_save(self, step, *args, **kwargs)
+        saves.append(step)
+
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", usage)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", counting_save)
+    with pytest.raises(checkpoint.DiskFullError) as info:
+        run.train_and_evaluate(config, tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path / "checkpoints") in message
+    assert re.search(r"needs about [\d.,]+ MB, the file system has 0\.0 MB free; free at least", message)
+    assert f"the newest checkpoint, step {saves[0]}, is intact" in message
+    monkeypatch.undo()
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
+    assert ckpt.all_steps() == [saves[0]]
+    ckpt.close()
+    result = run.train_and_evaluate(config, tmp_path)  # space again: resumes and finishes
+    assert result["steps"] == 8 and np.isfinite(result["validation_loss"])

@@ -57,6 +57,14 @@ def shape_differences(saved: Any, target: Any) -> list[str]:
     return out
 
 
+class DiskFullError(OSError):
+    """A checkpoint does not fit the free space of its file system (checked before writing)."""
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
 class Checkpointer:
     """Periodic, keep-last-N, asynchronous checkpoints of ``(state, data_state)`` under ``directory``."""
 
@@ -70,7 +78,25 @@ class Checkpointer:
         self.manager.reload()
         return sorted(self.manager.all_steps())
 
+    def check_free_space(self, step: int, state: Any) -> None:
+        """Raises :class:`DiskFullError` (one line: the folder, the space needed and free) unless the
+        file system holds another copy of ``state`` (its arrays' bytes, plus 10 % and 16 MB for
+        metadata and the temporary folder orbax writes before renaming), so a full disk never
+        leaves a half-written newest checkpoint: the previous ones stay as they are."""
+        needed = 1.1 * sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree_util.tree_leaves(state)) + 16 * 2**20
+        free = shutil.disk_usage(self.directory if self.directory.exists() else self.directory.parent).free
+        if free < needed:
+            kept = self.all_steps()
+            raise DiskFullError(
+                f"no space for the checkpoint of step {step} in {self.directory}: it needs about "
+                f"{_megabytes(needed)}, the file system has {_megabytes(free)} free; free at least "
+                f"{_megabytes(needed - free)} and rerun to resume "
+                f"(the newest checkpoint, step {kept[-1] if kept else 'none'}, is intact)."
+            )
+
     def save(self, step: int, state: Any, data_state: dict | None = None, *, force: bool = False) -> None:
+        self.manager.wait_until_finished()  # the previous save's space is taken before measuring
+        self.check_free_space(step, state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))
         self.manager.save(step, args=args, force=force)
 
