@@ -339,7 +339,8 @@ def test_benchmark_config_and_variants_become_hgru_and_crbp_run_configs():
     c = pathfinder_published.get_config("14")
     crbp = base.to_run_config(c, "hgru_T8_crbp")
     assert crbp.model.kind == "hgru" and crbp.model.num_steps == 8
-    assert crbp.model.loop.grad_mode == "implicit" and crbp.model.contractor_weight == 1.0
+    assert crbp.model.loop == LoopOptions(grad_mode="implicit", implicit_max_steps=30)
+    assert crbp.model.contractor_weight == 1.0
     assert crbp.model.hgru == hgru.HGRUConfig(kernel_size=5, num_groups=4, activation="tanh")
     assert dict(crbp.data.task) == {"contour_length": 14, "image_size": 32}
     assert base.to_run_config(c, "lccnn_T4_crbp").model.loop.grad_mode == "implicit"

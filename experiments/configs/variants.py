@@ -7,7 +7,8 @@
 ``_l<λ>`` sets λ_EI, ``_param`` / ``_proj`` use the parametrised or projected E/I form instead (no
 loss term), ``_k<n>`` makes the lateral kernels n × n (``{"lateral": {"lateral_size": n}}``, merged
 into the config's ``LateralConfig``), ``_crbp`` trains in implicit mode with C-RBP's contraction
-penalty (``{"loop": {"grad_mode": "implicit"}, "contractor_weight": 1.0}``; the weight is ours).
+penalty (``{"loop": {"grad_mode": "implicit", "implicit_max_steps": 30}, "contractor_weight": 1.0}``;
+the weight and the step bound are ours).
 ``hgru`` is the hGRU model (:class:`lateral_jax.core.hgru_models.HGRUNet`).  Examples: ``lccnn_T2``,
 ``lceicnn_T4_l1e-2``, ``lceicnn_param``, ``unshared_T4``, ``lccnn_T4_k7``, ``hgru_T8``, ``hgru_T8_crbp``.
 """
@@ -21,6 +22,9 @@ KINDS = ("fcnn_matched", "fcnn", "lccnn", "lceicnn", "unshared", "lateral_resnet
 _ONE_SUFFIX = r"_(T\d+|l[0-9.]+(?:e-?\d+)?|param|proj|k\d+|crbp)"
 # C-RBP's penalty weight in the ``_crbp`` variants (ours: the 2020 paper's code scales it per task)
 CONTRACTOR_WEIGHT = 1.0
+# ... and the solver's step bound: C-RBP runs a fixed, small number of forward and adjoint steps
+# (an untrained hGRU is not yet contractive, and 100 steps per solve made training 10x slower)
+CRBP_SOLVER_STEPS = 30
 _NAME = re.compile(r"^(?P<kind>" + "|".join(KINDS) + r")(?P<suffixes>(?:" + _ONE_SUFFIX + r")*)$")
 _SUFFIX = re.compile(_ONE_SUFFIX)
 
@@ -41,7 +45,8 @@ def overrides(name: str) -> dict[str, Any]:
         out.update(ei_mode="mixed_sign", ei_weight=1e-3)
     for suffix in _SUFFIX.findall(match["suffixes"]):
         if suffix == "crbp":
-            out.update(loop={"grad_mode": "implicit"}, contractor_weight=CONTRACTOR_WEIGHT)
+            loop = {"grad_mode": "implicit", "implicit_max_steps": CRBP_SOLVER_STEPS}
+            out.update(loop=loop, contractor_weight=CONTRACTOR_WEIGHT)
         elif suffix.startswith("T"):
             out["num_steps"] = int(suffix[1:])
         elif suffix.startswith("k"):
