@@ -148,7 +148,7 @@ def test_nan_stops_with_an_error_naming_the_step_and_keeps_the_good_checkpoint(t
     [
         ({"data": run.DataConfig(dataset="imagenet21k")}, "dataset='imagenet21k' is unknown"),
         ({"model": run.ModelConfig(kind="vit")}, "model kind='vit' is unknown"),
-        ({"model": run.ModelConfig(ei_weight=-0.1)}, "ei_weight=-0.1 must be >= 0"),
+        ({"model": run.ModelConfig(ei_weight=-0.1)}, "ei_weight=-0.1 must be a finite number >= 0"),
         ({"data": run.DataConfig(dataset="image_folder")}, "needs archive="),
         (
             {"data": run.DataConfig(dataset="image_folder", archive="/no/such/archive.tar.gz")},
