@@ -20,9 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lateral_jax.core import ei, hgru, implicit
+from lateral_jax.core import ei, hgru
 from lateral_jax.core.config import LoopOptions
 from lateral_jax.core.layer import Unrolled
+from lateral_jax.core.layers import add_contractor_penalty
 from lateral_jax.core.models import ModelOutput, Record, _wants
 from lateral_jax.core.params import NormParams
 
@@ -36,15 +37,6 @@ def layer_params(variables: dict) -> hgru.HGRUParams:
     if "norm_gain_scale" in p:
         norms = tuple(NormParams(p[f"norm_{s}_scale"], p[f"norm_{s}_bias"]) for s in hgru.NORM_SITES)
     return hgru.HGRUParams(**{name: p.get(name) for name in PARAM_NAMES}, norms=norms)
-
-
-def add_contractor_penalty(module: nn.Module, fmap, fixed_point: jax.Array, weight: float, threshold: float) -> None:
-    """Sows ``weight · contractor_penalty(fmap, fixed_point)`` into ``module``'s ``"penalties"``."""
-    if weight < 0:
-        raise ValueError(f"contractor_weight={weight!r} must be >= 0.")
-    if weight > 0:
-        penalty = implicit.contractor_penalty(fmap, fixed_point, threshold=threshold)
-        module.sow("penalties", "contractor", weight * penalty)
 
 
 class HGRULayer(nn.Module):

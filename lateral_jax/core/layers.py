@@ -22,6 +22,16 @@ from lateral_jax.core.layer import Unrolled, fixed_point_map
 from lateral_jax.core.params import LateralParams, NormParams, init_afferent_kernel
 
 
+def add_contractor_penalty(module: nn.Module, fmap, fixed_point: jax.Array, weight: float, threshold: float) -> None:
+    """Sows ``weight · contractor_penalty(fmap, fixed_point)`` (C-RBP, :func:`implicit.contractor_penalty`)
+    into ``module``'s ``"penalties"`` collection, which the training loss adds up; nothing at weight 0."""
+    if weight < 0:
+        raise ValueError(f"contractor_weight={weight!r} must be >= 0.")
+    if weight > 0:
+        penalty = implicit.contractor_penalty(fmap, fixed_point, threshold=threshold)
+        module.sow("penalties", "contractor", weight * penalty)
+
+
 def _norm_params(module: nn.Module, prefix: str, kind: str, channels: int) -> NormParams | None:
     if kind == "none":
         return None
@@ -120,10 +130,11 @@ class LateralConv(nn.Module):
             return recurrence.unroll_unshared(params, x, config=cfg, loop=self.loop, return_states=return_states)
         if self.contractor_weight and self.loop.grad_mode == "implicit":
             drive = recurrence.afferent_drive(params, x, cfg)
-            out = recurrence.recur(params, drive, num_steps=num_steps, config=cfg, loop=self.loop, return_states=False)
+            out = recurrence.recur(
+                params, drive, num_steps=num_steps, config=cfg, loop=self.loop, return_states=return_states
+            )
             fmap = functools.partial(fixed_point_map, params, drive, config=cfg)
-            penalty = implicit.contractor_penalty(fmap, out.final, threshold=self.contractor_threshold)
-            self.sow("penalties", "contractor", self.contractor_weight * penalty)
+            add_contractor_penalty(self, fmap, out.final, self.contractor_weight, self.contractor_threshold)
             return out
         return recurrence.unroll(
             params, x, num_steps=num_steps, config=cfg, loop=self.loop, return_states=return_states
