@@ -217,9 +217,9 @@ def test_bad_command_lines_exit_2_with_one_line_naming_the_fix():
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == run.EXIT_REFUSED == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: --config.model.nonexistent: config.model has no field 'nonexistent'; its fields are block, dtype, "
-        "ei_mode, ei_weight, excitatory_fraction, kind, lateral, lateral_stages, loop, num_steps, small_inputs, "
-        "stage_sizes, widths."
+        "error: --config.model.nonexistent: config.model has no field 'nonexistent'; its fields are block, "
+        "contractor_threshold, contractor_weight, dtype, ei_mode, ei_weight, excitatory_fraction, hgru, kind, "
+        "lateral, lateral_stages, loop, num_steps, small_inputs, stage_sizes, widths."
     ]
 
 
