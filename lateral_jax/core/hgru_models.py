@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from lateral_jax.core import ei, hgru
 from lateral_jax.core.config import LoopOptions
 from lateral_jax.core.layer import Unrolled
-from lateral_jax.core.layers import add_contractor_penalty
+from lateral_jax.core.layers import _norm_params, add_contractor_penalty
 from lateral_jax.core.models import ModelOutput, Record, _wants
 from lateral_jax.core.params import NormParams
 
@@ -78,11 +78,7 @@ class HGRULayer(nn.Module):
         norms = None
         if self.config.gate_norm != "none":
             norms = tuple(
-                NormParams(
-                    self.param(f"norm_{site}_scale", nn.initializers.ones, (channels,), jnp.float32),
-                    self.param(f"norm_{site}_bias", nn.initializers.zeros, (channels,), jnp.float32),
-                )
-                for site in hgru.NORM_SITES
+                _norm_params(self, f"norm_{site}", self.config.gate_norm, channels) for site in hgru.NORM_SITES
             )
         params = hgru.HGRUParams(**{n: values.get(n) for n in PARAM_NAMES}, norms=norms)
         out = hgru.run(

@@ -23,7 +23,7 @@ from lateral_jax.core.config import LoopOptions
 from lateral_jax.core.dynamics import map_spectral_radius
 from lateral_jax.core.layer import Unrolled
 from lateral_jax.core.models import ModelOutput, Record, _wants
-from lateral_jax.core.params import NormParams
+from lateral_jax.core.nnx_models import _declare_norm, _read_norm
 
 
 class HGRULayer(nnx.Module):
@@ -43,20 +43,15 @@ class HGRULayer(nnx.Module):
         for name in hgru_models.PARAM_NAMES:
             if getattr(init, name) is not None:
                 setattr(self, name, nnx.Param(getattr(init, name)))
-        if init.norms is not None:
-            for site, norm in zip(hgru.NORM_SITES, init.norms, strict=True):
-                setattr(self, f"norm_{site}_scale", nnx.Param(norm.scale))
-                setattr(self, f"norm_{site}_bias", nnx.Param(norm.bias))
+        for site in hgru.NORM_SITES:
+            _declare_norm(self, f"norm_{site}", config.gate_norm, channels)
 
     def layer_params(self) -> hgru.HGRUParams:
         """The pure :class:`~lateral_jax.core.hgru.HGRUParams` of this layer."""
         values = {n: getattr(self, n)[...] if hasattr(self, n) else None for n in hgru_models.PARAM_NAMES}
         norms = None
         if hasattr(self, "norm_gain_scale"):
-            norms = tuple(
-                NormParams(getattr(self, f"norm_{s}_scale")[...], getattr(self, f"norm_{s}_bias")[...])
-                for s in hgru.NORM_SITES
-            )
+            norms = tuple(_read_norm(self, f"norm_{s}") for s in hgru.NORM_SITES)
         return hgru.HGRUParams(**values, norms=norms)
 
     def __call__(self, drive: jax.Array, *, return_states: bool = False) -> Unrolled:
