@@ -80,6 +80,7 @@ SLOW = frozenset(
         "tests/official_test.py::test_preparing_and_reading_never_imports_tensorflow",
         "tests/parallel_test.py::test_every_grad_mode_under_shard_map_equals_one_device",
         "tests/parallel_test.py::test_pmap_step_equals_the_jit_step",
+        "tests/parallel_test.py::test_implicit_and_truncated_modes_under_pmap_equal_one_device",
         "tests/parallel_test.py::test_shard_map_step_equals_the_jit_step",
         "tests/predict_test.py::test_predictions_on_the_validation_images_give_the_runs_validation_accuracy",
         "tests/predict_test.py::test_the_cli_refuses_bad_input_with_one_line_and_exit_2",

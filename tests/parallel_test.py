@@ -85,16 +85,12 @@ def test_shard_map_step_equals_the_jit_step():
     _check(jax.device_get((state, metrics, evaluate(state.params, data))), _jit_reference())
 
 
-@pytest.mark.parametrize("grad_mode", ["implicit", "truncated", "remat"])
-def test_every_grad_mode_under_shard_map_equals_one_device(grad_mode):
-    """The layer inside a user's ``jax.shard_map`` (batch split over 8 devices, parameters replicated):
-    the loss, its gradient and a forward-mode derivative equal one device's within float32 tolerance.
-    In implicit mode the fixed-point iteration stops on the whole batch's change (a ``psum``), the
-    same step on every device; before, its ``while_loop`` carry did not type-check under shard_map."""
+def _layer_derivatives(grad_mode: str, batch_axes: tuple[str, ...] = ()):
+    """A lateral layer, its inputs and ``derivatives(p, x, cot, axis)``: the summed loss, its
+    gradient and a forward-mode derivative (``psum`` over ``axis`` when given)."""
     from lateral_jax.core import recurrence
     from lateral_jax.core.config import LateralConfig, LoopOptions
     from lateral_jax.core.params import init_params
-    from lateral_jax.core.sharding import make_mesh
 
     config = LateralConfig.stable(num_groups=2, lateral_init_scale=0.5)
     params = init_params(jax.random.key(0), in_channels=3, out_channels=4, config=config)
@@ -105,6 +101,7 @@ def test_every_grad_mode_under_shard_map_equals_one_device(grad_mode):
         implicit_tol=1e-6,
         implicit_max_steps=200,
         truncate_steps=2 if grad_mode == "truncated" else None,
+        batch_axes=batch_axes,
     )
 
     def loss(p, x, cot, axis=None):
@@ -118,6 +115,18 @@ def test_every_grad_mode_under_shard_map_equals_one_device(grad_mode):
         _, directional = jax.jvp(lambda q: loss(q, x, cot, axis), (p,), (tangent,))
         return value, grads, directional
 
+    return params, x, cot, derivatives
+
+
+@pytest.mark.parametrize("grad_mode", ["implicit", "truncated", "remat"])
+def test_every_grad_mode_under_shard_map_equals_one_device(grad_mode):
+    """The layer inside a user's ``jax.shard_map`` (batch split over 8 devices, parameters replicated):
+    the loss, its gradient and a forward-mode derivative equal one device's within float32 tolerance.
+    In implicit mode the fixed-point iteration stops on the whole batch's change (a ``psum``), the
+    same step on every device; before, its ``while_loop`` carry did not type-check under shard_map."""
+    from lateral_jax.core.sharding import make_mesh
+
+    params, x, cot, derivatives = _layer_derivatives(grad_mode)
     want = derivatives(params, x, cot)
     sharded = jax.jit(
         jax.shard_map(
@@ -129,6 +138,38 @@ def test_every_grad_mode_under_shard_map_equals_one_device(grad_mode):
     )
     got = sharded(params, x, cot)
     chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad_mode", ["implicit", "truncated"])
+def test_implicit_and_truncated_modes_under_pmap_equal_one_device(grad_mode):
+    """The same under ``jax.pmap`` (each device differentiates its shard's loss, then ``psum``): its
+    arrays carry no axis types, so the implicit solve is told the batch axis
+    (``LoopOptions(batch_axes=("batch",))``) and stops on the whole batch's change; every device
+    returns one device's loss, gradient and directional derivative."""
+    params, x, cot, derivatives = _layer_derivatives(grad_mode)
+    want = derivatives(params, x, cot)
+    _, _, _, local = _layer_derivatives(grad_mode, batch_axes=("batch",))
+    split = lambda a: a.reshape(8, -1, *a.shape[1:])  # noqa: E731
+    step = lambda p, x, cot: jax.lax.psum(local(p, x, cot), "batch")  # noqa: E731
+    got = jax.pmap(step, axis_name="batch", in_axes=(None, 0, 0))(params, split(x), split(cot))
+    for device in range(8):
+        chex.assert_trees_all_close(jax.tree.map(lambda a, d=device: a[d], got), want, atol=1e-4, rtol=1e-5)
+
+
+def test_pmap_implicit_solve_stops_at_the_same_step_on_every_device():
+    """``global_relative_change`` with ``batch_axes`` under ``jax.pmap`` is the whole batch's
+    relative change on every device (without it, each device's own)."""
+    from lateral_jax.core.implicit import global_relative_change
+    from lateral_jax.core.layer import relative_change
+
+    new = jax.random.normal(jax.random.key(0), (16, 4))
+    old = new + jax.random.normal(jax.random.key(1), (16, 4)) * jax.numpy.arange(16.0)[:, None]
+    want = relative_change(new, old)
+    split = lambda a: a.reshape(8, -1, *a.shape[1:])  # noqa: E731
+    synced = jax.pmap(lambda n, o: global_relative_change(n, o, ("batch",)), axis_name="batch")(split(new), split(old))
+    np.testing.assert_allclose(np.asarray(synced), np.full(8, float(want)), rtol=1e-6)
+    alone = jax.pmap(global_relative_change)(split(new), split(old))
+    assert np.ptp(np.asarray(alone)) > 0.1
 
 
 def test_data_parallel_helper_fixes_the_naive_steps_device_count_error():

@@ -170,6 +170,10 @@ class LoopOptions:
         (:func:`lateral_jax.core.loops.default_scan_unroll`).
       remat_batch_chunks: ``"remat"`` only: run the loops on this many equal slices of the batch,
         each recomputed on its own in the backward pass; ``"auto"`` picks about √T.
+      batch_axes: ``"implicit"`` only: the named axes the batch is split along under ``jax.pmap``
+        (its ``axis_name``). The solve's stopping test sums the change over them, so every device
+        stops at the step one device would stop at for the whole batch. Under ``jax.shard_map`` the
+        axes are read from the arrays' types and need not be given.
     """
 
     grad_mode: GradMode = "full"
@@ -179,9 +183,17 @@ class LoopOptions:
     implicit_warn: bool = True
     scan_unroll: ScanUnroll = "auto"
     remat_batch_chunks: int | Literal["auto"] = "auto"
+    batch_axes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_choice("grad_mode", self.grad_mode, GRAD_MODES)
+        if isinstance(self.batch_axes, (str, list)):  # one name, or a list read back from JSON
+            names = [self.batch_axes] if isinstance(self.batch_axes, str) else self.batch_axes
+            object.__setattr__(self, "batch_axes", tuple(names))
+        if not isinstance(self.batch_axes, tuple) or not all(isinstance(a, str) and a for a in self.batch_axes):
+            raise TypeError(
+                f"batch_axes={self.batch_axes!r} must be a tuple of axis names (jax.pmap's axis_name), e.g. ('batch',)."
+            )
         if self.grad_mode == "truncated":
             if not _is_int(self.truncate_steps) or self.truncate_steps < 1:
                 raise ValueError(

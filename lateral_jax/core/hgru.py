@@ -264,10 +264,10 @@ def run(
     if loop.grad_mode == "implicit":
         if return_states:
             raise ValueError("grad_mode='implicit' keeps no per-loop states; pass return_states=False.")
-        h_star = implicit.solve(fmap, h0, loop.implicit_tol, loop.implicit_max_steps)
+        h_star = implicit.solve(fmap, h0, loop.implicit_tol, loop.implicit_max_steps, loop.batch_axes)
         h_sg = jax.lax.stop_gradient(h_star)
         frozen = functools.partial(loop_map, jax.lax.stop_gradient(params), jax.lax.stop_gradient(drive), config=config)
-        return Unrolled(h_star, None, implicit.global_relative_change(frozen(h_sg), h_sg))
+        return Unrolled(h_star, None, implicit.global_relative_change(frozen(h_sg), h_sg, loop.batch_axes))
 
     def step_fn(h, _):
         new = fmap(h)

@@ -35,12 +35,13 @@ def varying_axes(x: jax.Array) -> tuple[str, ...]:
     return tuple(sorted(axes or ()))
 
 
-def global_relative_change(new: jax.Array, old: jax.Array) -> jax.Array:
-    """:func:`~lateral_jax.core.layer.relative_change` of the whole batch: inside ``jax.shard_map``
-    the squared norms are summed over the axes the batch is split along (``psum``), so every device
-    gets the number one device gets for the whole batch, and the iteration stops at the same step
-    on every device."""
-    axes = varying_axes(new)
+def global_relative_change(new: jax.Array, old: jax.Array, batch_axes: tuple[str, ...] = ()) -> jax.Array:
+    """:func:`~lateral_jax.core.layer.relative_change` of the whole batch: the squared norms are
+    summed (``psum``) over the axes the batch is split along — those ``new`` varies over inside
+    ``jax.shard_map``, and ``batch_axes`` (``jax.pmap``'s ``axis_name``, which array types do not
+    carry) — so every device gets the number one device gets for the whole batch, and the
+    iteration stops at the same step on every device."""
+    axes = tuple(sorted(set(varying_axes(new)) | set(batch_axes)))
     if not axes:
         return relative_change(new, old)
     new32, old32 = new.astype(jnp.float32), old.astype(jnp.float32)
@@ -49,10 +50,13 @@ def global_relative_change(new: jax.Array, old: jax.Array) -> jax.Array:
     return jnp.sqrt(diff) / jnp.maximum(jnp.sqrt(norm), 1e-12)
 
 
-def iterate(fn, x0: jax.Array, tol: float, max_steps: int) -> tuple[jax.Array, jax.Array]:
+def iterate(
+    fn, x0: jax.Array, tol: float, max_steps: int, batch_axes: tuple[str, ...] = ()
+) -> tuple[jax.Array, jax.Array]:
     """Fixed-point iteration ``x ← fn(x)`` until the relative change < tol; returns (x, change).
 
-    The change is the whole batch's (:func:`global_relative_change`), also under ``jax.shard_map``.
+    The change is the whole batch's (:func:`global_relative_change`), also under ``jax.shard_map``
+    and, given ``batch_axes``, ``jax.pmap``.
     """
 
     def cond(carry):
@@ -62,13 +66,19 @@ def iterate(fn, x0: jax.Array, tol: float, max_steps: int) -> tuple[jax.Array, j
     def body(carry):
         i, x, _ = carry
         new = fn(x)
-        return i + 1, new, global_relative_change(new, x)
+        return i + 1, new, global_relative_change(new, x, batch_axes)
 
     _, x, change = jax.lax.while_loop(cond, body, (jnp.array(0), x0, jnp.array(jnp.inf, jnp.float32)))
     return x, change
 
 
-def solve(fmap: Callable[[jax.Array], jax.Array], x0: jax.Array, tol: float, max_steps: int) -> jax.Array:
+def solve(
+    fmap: Callable[[jax.Array], jax.Array],
+    x0: jax.Array,
+    tol: float,
+    max_steps: int,
+    batch_axes: tuple[str, ...] = (),
+) -> jax.Array:
     """``x*`` with ``x* = fmap(x*)`` from ``x0``, differentiable in both modes by the implicit-function
     theorem (``fmap`` closes over the parameters it depends on; any contractive loop map works).
 
@@ -83,11 +93,11 @@ def solve(fmap: Callable[[jax.Array], jax.Array], x0: jax.Array, tol: float, max
 
     def forward_solve(f, start):
         del f
-        return iterate(fmap, start, tol, max_steps)[0]
+        return iterate(fmap, start, tol, max_steps, batch_axes)[0]
 
     def linear_fixed_point(matvec, b):
         # (J - I) x = b, with matvec(x) = J x - x:  x ← J x - b = matvec(x) + x - b.
-        return iterate(lambda x: matvec(x) + x - b, -b, tol, max_steps)[0]
+        return iterate(lambda x: matvec(x) + x - b, -b, tol, max_steps, batch_axes)[0]
 
     def tangent_solve(g, y):
         return jax.lax.custom_linear_solve(g, y, linear_fixed_point, transpose_solve=linear_fixed_point)
@@ -95,10 +105,17 @@ def solve(fmap: Callable[[jax.Array], jax.Array], x0: jax.Array, tol: float, max
     return jax.lax.custom_root(residual_map, x0, forward_solve, tangent_solve)
 
 
-def _solve(params: LateralParams, drive: jax.Array, config: LateralConfig, tol: float, max_steps: int) -> jax.Array:
+def _solve(
+    params: LateralParams,
+    drive: jax.Array,
+    config: LateralConfig,
+    tol: float,
+    max_steps: int,
+    batch_axes: tuple[str, ...] = (),
+) -> jax.Array:
     """``a*`` with ``a* = F(a*)``, ``F(a) = f(N_l(d + L(a)))``, by :func:`solve` from ``a(0)``."""
     fmap = functools.partial(fixed_point_map, params, drive, config=config)
-    return solve(lambda a: fmap(a), initial_state(params, drive, config), tol, max_steps)
+    return solve(lambda a: fmap(a), initial_state(params, drive, config), tol, max_steps, batch_axes)
 
 
 _nonconverged_calls = 0
@@ -139,6 +156,7 @@ def fixed_point(
     tol: float = 1e-5,
     max_steps: int = 100,
     warn: bool = True,
+    batch_axes: tuple[str, ...] = (),
 ) -> tuple[jax.Array, jax.Array]:
     """Solves ``a* = f(N_l(d + L(a*)))`` by iteration from ``a(0)``; differentiable by the IFT.
 
@@ -146,11 +164,12 @@ def fixed_point(
     residual above ``tol`` means the iteration did not converge (the lateral map is not
     contractive); its gradient is then not the gradient of a long unroll, and with ``warn`` the
     running program warns (``jax.debug.callback``; at the 1st, 10th, 100th, ... occurrence).
+    ``batch_axes``: the ``jax.pmap`` axes the batch is split along (:func:`global_relative_change`).
     """
-    a_star = _solve(params, drive, config, tol, max_steps)
+    a_star = _solve(params, drive, config, tol, max_steps, batch_axes)
     a_sg = jax.lax.stop_gradient(a_star)
     residual = global_relative_change(
-        fixed_point_map(jax.lax.stop_gradient(params), jax.lax.stop_gradient(drive), a_sg, config), a_sg
+        fixed_point_map(jax.lax.stop_gradient(params), jax.lax.stop_gradient(drive), a_sg, config), a_sg, batch_axes
     )
     if warn:
         warn_fn = functools.partial(_warn_if_not_converged, tol=tol, max_steps=max_steps, config=config)

@@ -107,6 +107,7 @@ def recur(
             tol=loop.implicit_tol,
             max_steps=loop.implicit_max_steps,
             warn=loop.implicit_warn,
+            batch_axes=loop.batch_axes,
         )
         return Unrolled(final, None, residual)
     return loops.run(params, drive, num_steps=num_steps, config=config, loop=loop, return_states=return_states)
