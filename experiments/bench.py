@@ -326,6 +326,7 @@ def measure_paired(args, rows: list[dict]) -> None:
     stepper = Path(__file__).with_name("peer_stepper.py")
     for batch, num_steps in itertools.product(map(int, args.batch.split(",")), map(int, args.steps.split(","))):
         cmd = [args.torch_python, str(stepper), args.torch_peer, "--batch", str(batch), "--steps", str(num_steps)]
+        cmd += ["--compile"] if args.paired_peer == "compile" else []
         peer = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             ready = json.loads(peer.stdout.readline() or "null")
@@ -337,7 +338,8 @@ def measure_paired(args, rows: list[dict]) -> None:
                 )
                 ours_s, peer_s, metrics = _alternate(compiled, state, data, peer, args.paired, args.paired_block, rows)
                 summary = {
-                    "paired_ratio_vs": "torch-eager",
+                    "paired_ratio_vs": f"torch-{args.paired_peer}",
+                    "torch_setup_s": ready.get("setup_s"),
                     "torch": ready.get("torch"),
                     "torch_threads": ready.get("threads"),
                     **{k: row[k] for k in ("batch", "steps", "grad_mode", "dtype", "conv_algorithm", "loop_kernel")},
@@ -438,6 +440,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="K",
         help="with --paired: steps per side in each pair (the summary also reports the pairs without each "
         "block's first step)",
+    )
+    p.add_argument(
+        "--paired-peer",
+        choices=("eager", "compile"),
+        default="eager",
+        help="with --paired: the peer's step in eager mode or under torch.compile (inductor; compiled before timing)",
     )
     p.add_argument("--out", default=None, help="append the JSON lines to this file too")
     return p

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench, study
-from lateral_jax.core import layer, models
+from lateral_jax.core import hgru_models, layer, models
 from lateral_jax.training import device_epochs, programs, train
 
 # (dataset, protocol, variants): what the CIFAR-10 and embedded-task studies train.
@@ -41,7 +41,14 @@ STUDY_MODELS = (
     ("cifar10", "cpu", ("fcnn", "fcnn_matched", "lccnn_T4", "lceicnn_T4_l1e-3", "unshared_T4")),
     ("contour", "embedded", ("fcnn", "fcnn_matched", "lccnn_T4", "lceicnn_T4_l1e-3", "unshared_T4")),
 )
-IMAGE_SHAPES = {"cifar10": (32, 32, 3), "contour": (32, 32, 1), "pathfinder": (32, 32, 1)}
+# (config file, variant, models): the field's benchmark (experiments/configs/pathfinder_published.py).
+CONFIG_MODELS = (("pathfinder_published", "6", ("fcnn", "lccnn_T4", "hgru_T8")),)
+IMAGE_SHAPES = {
+    "cifar10": (32, 32, 3),
+    "contour": (32, 32, 1),
+    "pathfinder": (32, 32, 1),
+    "pathfinder_published": (32, 32, 1),
+}
 
 
 def median_seconds(fn, state, iters: int) -> tuple[float, object]:
@@ -87,13 +94,28 @@ class Setup:
     config: object
 
 
+def run_config_of(dataset: str, protocol_name: str, variant: str, epoch_batches: int):
+    """``(RunConfig, batch)`` of a study model (``study.run_config``) or, for ``protocol_name`` a
+    config file's name (:data:`CONFIG_MODELS`), of that config's ``dataset`` variant."""
+    if protocol_name in study.PROTOCOLS:
+        protocol = study.PROTOCOLS[protocol_name]
+        batch = protocol.batch_size if dataset == "cifar10" else protocol.synthetic_batch
+        return study.run_config(dataset, variant, 0, protocol, num_train=batch * epoch_batches), batch
+    import importlib
+
+    from experiments.configs import base
+
+    config = base.to_run_config(
+        importlib.import_module(f"experiments.configs.{protocol_name}").get_config(dataset), variant
+    )
+    return config, config.batch_size
+
+
 def setup(dataset: str, protocol_name: str, variant: str, epoch_batches: int) -> Setup:
     """A study model as the study builds it (``study.run_config``), on random data of the dataset's shape."""
-    protocol = study.PROTOCOLS[protocol_name]
-    shape = IMAGE_SHAPES[dataset]
+    config, batch = run_config_of(dataset, protocol_name, variant, epoch_batches)
+    shape = IMAGE_SHAPES[config.data.dataset if protocol_name not in study.PROTOCOLS else dataset]
     num_classes = 10 if dataset == "cifar10" else 2
-    batch = protocol.batch_size if dataset == "cifar10" else protocol.synthetic_batch
-    config = study.run_config(dataset, variant, 0, protocol, num_train=batch * epoch_batches)
     model = programs.build_model(config.model, num_classes, shape)
     tx = train.make_optimizer(config.optimizer, ei_mode=config.model.ei_mode)
     mesh = train.make_mesh()
@@ -126,7 +148,7 @@ def study_row(dataset: str, protocol_name: str, variant: str, iters: int, epoch_
     gflop = train_gflop(s, dataset)
     step_rate, epoch_rate = batch / step_s, len(s.labels) / epoch_s
     return {
-        "model": f"{dataset}/{variant}",
+        "model": f"{dataset}/{variant}" if protocol_name in study.PROTOCOLS else f"{protocol_name}:{dataset}/{variant}",
         "protocol": protocol_name,
         "widths": list(getattr(s.model, "widths", s.config.model.widths)),
         "num_steps": getattr(s.model, "num_steps", 0),
@@ -142,7 +164,18 @@ def study_row(dataset: str, protocol_name: str, variant: str, iters: int, epoch_
 
 def train_gflop(s: Setup, dataset: str) -> float:
     """3 × the analytic forward FLOPs of the set-up model, in GFLOP per image."""
-    shape = IMAGE_SHAPES[dataset]
+    shape = IMAGE_SHAPES.get(dataset, (32, 32, 1))
+    if s.config.model.kind == "hgru":
+        forward = hgru_models.forward_flops(
+            s.model.width,
+            num_steps=s.model.num_steps,
+            kernel_size=s.config.model.hgru.kernel_size,
+            stem_size=s.model.stem_size,
+            image_size=shape[0],
+            in_channels=shape[-1],
+            num_classes=2,
+        )
+        return 3 * forward / 1e9
     forward = models.forward_flops(
         getattr(s.model, "widths", s.config.model.widths),
         num_steps=getattr(s.model, "num_steps", 0),
@@ -245,7 +278,7 @@ def main(argv=None) -> None:
     if reference:
         rows.append(reference)
         print(json.dumps(reference), flush=True)
-    for dataset, protocol, names in STUDY_MODELS:
+    for dataset, protocol, names in (*STUDY_MODELS, *((v, c, n) for c, v, n in CONFIG_MODELS)):
         for variant in names:
             if wanted is not None and f"{protocol}/{dataset}/{variant}" not in wanted:
                 continue

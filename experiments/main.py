@@ -32,7 +32,6 @@ if __name__ == "__main__":  # SIGTERM exits 75 from the first moment (training r
 import dataclasses
 import importlib.util
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments.configs import base
-from lateral_jax.training import checkpoint, programs, run, train
+from lateral_jax.training import checkpoint, programs, run, rundir, train
 from lateral_jax.training.config import RunConfig, to_dict
 from lateral_jax.training.data import sources
 from lateral_jax.training.rundir import ON_CONFIG_CHANGE
@@ -72,6 +71,9 @@ def define_flags(fv: flags.FlagValues, argv: list[str] | None = None) -> None:
     flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host, explicit).", flag_values=fv)
     flags.DEFINE_integer("process_id", None, "This process's index (multi-host, explicit).", flag_values=fv)
     flags.DEFINE_bool("no_report", False, "Skip report.md.", flag_values=fv)
+    flags.DEFINE_bool(
+        "verbose", False, "Libraries' log lines and progress bars, and a traceback with errors.", flag_values=fv
+    )
     flags.DEFINE_bool(
         "analyze", True, "Run experiments/analyze.py on the trained models (<workdir>/analysis).", flag_values=fv
     )
@@ -221,7 +223,12 @@ def analysed_runs(the_plan: Plan) -> list[str]:
 
 
 def _refuse(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    """Exit 2 with one line on stderr (``--verbose``: the traceback of the error being handled first)."""
+    if "verbose" in flags.FLAGS and flags.FLAGS.is_parsed() and flags.FLAGS.verbose and sys.exc_info()[0]:
+        import traceback
+
+        traceback.print_exc()
+    print(f"error: {rundir.one_line(message)}", file=sys.stderr, flush=True)
     sys.exit(run.EXIT_REFUSED)
 
 
@@ -244,7 +251,7 @@ def main(argv):
     del argv
     fv = flags.FLAGS
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    programs.quiet_libraries(fv["verbose"].value if "verbose" in fv else False)
     import jax
 
     try:

@@ -11,7 +11,8 @@ whenever the benchmark asks, so ours and the peer's steps alternate a few second
 
 The model, optimiser, data and loss are built by the peer's own code (``LCCNN``, its E/I
 penalty) with ``torch_peer.main``'s settings: seed 0, SGD lr 0.01 momentum 0.9, ``--ei`` 1e-3,
-fp32 eager (the CPU comparison; no ``--compile``/``--bf16`` here).  Only :func:`serve` and
+fp32 eager, or with ``--compile`` the step under ``torch.compile`` (no ``--bf16`` here: the CPU
+comparison is float32).  Only :func:`serve` and
 :func:`paired_summary` are imported by the benchmark; neither needs torch.
 """
 
@@ -93,12 +94,16 @@ def _load_peer(path: str):
     if spec is None or spec.loader is None:
         raise SystemExit(f"cannot import the peer from {path!r}; pass the path of torch_peer.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["torch_peer"] = module  # torch.compile (dynamo) looks modules up by name
     spec.loader.exec_module(module)
     return module
 
 
-def torch_step(peer_path: str, batch: int, num_steps: int, ei: float = 1e-3, warmup: int = 3) -> Callable[[], float]:
-    """The peer's eager fp32 CPU train step, set up as ``torch_peer.main`` does, warmed up."""
+def torch_step(
+    peer_path: str, batch: int, num_steps: int, ei: float = 1e-3, warmup: int = 3, compile: bool = False
+) -> Callable[[], float]:
+    """The peer's fp32 CPU train step, set up as ``torch_peer.main`` does, warmed up; ``compile``:
+    wrapped in ``torch.compile`` as the peer's ``--compile`` does (compiled during the warm-up)."""
     import torch
     import torch.nn.functional as F
 
@@ -114,11 +119,16 @@ def torch_step(peer_path: str, batch: int, num_steps: int, ei: float = 1e-3, war
         loss = F.cross_entropy(model(x), y) + ei * model.ei_penalty()
         loss.backward()
         opt.step()
-        return float(loss)
+        return loss
+
+    run = torch.compile(step) if compile else step
+
+    def timed() -> float:
+        return float(run())
 
     for _ in range(warmup):
-        step()
-    return step
+        timed()
+    return timed
 
 
 def main(argv=None) -> None:
@@ -126,11 +136,15 @@ def main(argv=None) -> None:
     p.add_argument("peer", help="path of ../shared/bench/torch_peer.py")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--compile", action="store_true", help="torch.compile the step (inductor), as the peer's --compile")
     args = p.parse_args(argv)
-    step = torch_step(args.peer, args.batch, args.steps)
+    t0 = time.perf_counter()
+    step = torch_step(args.peer, args.batch, args.steps, compile=args.compile)
     import torch
 
-    sys.stdout.write(json.dumps({"ready": True, "threads": torch.get_num_threads(), "torch": torch.__version__}) + "\n")
+    ready = {"ready": True, "threads": torch.get_num_threads(), "torch": torch.__version__, "compile": args.compile}
+    ready["setup_s"] = round(time.perf_counter() - t0, 1)
+    sys.stdout.write(json.dumps(ready) + "\n")
     sys.stdout.flush()
     serve(step, sys.stdin, sys.stdout)
 

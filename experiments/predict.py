@@ -46,6 +46,7 @@ def main(argv=None) -> None:
     from lateral_jax.training import predict, programs
 
     programs.enable_compilation_cache()
+    programs.quiet_libraries(args.verbose)
 
     try:
         result = predict.predict(

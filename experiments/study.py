@@ -325,10 +325,11 @@ def main(argv=None) -> None:
     if args.analyze:
         analyze_runs(out, args.datasets.split(","), protocol)
         return
-    from lateral_jax.training import checkpoint, programs, run
+    from lateral_jax.training import checkpoint, programs, run, rundir
     from lateral_jax.training.data import sources
 
     programs.enable_compilation_cache()
+    programs.quiet_libraries()
 
     try:
         finished = run_study(
@@ -341,7 +342,7 @@ def main(argv=None) -> None:
             shard=shard,
         )
     except (run.RunFolderError, checkpoint.CheckpointMismatchError, checkpoint.DiskFullError, sources.DataError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {rundir.one_line(str(e))}", file=sys.stderr, flush=True)
         sys.exit(EXIT_REFUSED)
     if not finished:
         print("preempted: the unfinished run saved a checkpoint; rerun the same command to resume.", flush=True)

@@ -244,9 +244,14 @@ def test_data_that_cannot_serve_the_run_exits_2_with_one_line(tmp_path, case):
         cmd += [f"--config.data.data_dir={tmp_path / 'tfds'}"]
         want = "no images found in" if case == "empty_archive" else r"holds 1 class\(es\) \['cat'\]"
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == run.EXIT_REFUSED, proc.stderr[-2000:]
-    assert len(errors) == 1 and re.search(want, errors[0]) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    # the whole of stderr is that line: no library log lines, progress bars or traceback
+    assert len(lines) == 1 and lines[0].startswith("error:") and re.search(want, lines[0]), proc.stderr[-2000:]
+    if case == "one_class_archive":  # --verbose: the libraries' logs and the traceback, then the same line
+        verbose = subprocess.run([*cmd, "--verbose"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert verbose.returncode == run.EXIT_REFUSED and "Traceback" in verbose.stderr
+        assert verbose.stderr.strip().splitlines()[-1] == lines[0]
 
 
 # ---------------------------------------------------------------------------------------------

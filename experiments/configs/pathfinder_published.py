@@ -6,7 +6,7 @@ Command:  python -m experiments.main --config experiments/configs/pathfinder_pub
 Smoke:    --config experiments/configs/pathfinder_published.py:smoke
 
 Models as the embedded tasks' (widths 8/16/16, GroupNorm) plus the hGRU (``hgru``: a 5 × 5 stem to
-``widths[0] = 16`` channels, 5 × 5 horizontal kernels, T = 8 loops, global max pool).  The examples
+``widths[0] = 8`` channels, 5 × 5 horizontal kernels, T = 8 loops, global max pool).  The examples
 are generated once, in parallel, and cached (``$LATERAL_JAX_DATA``); the same data for every seed.
 """
 

@@ -115,6 +115,25 @@ def _hgru_subtrees(params: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[
     return [found for key, sub in params.items() for found in _hgru_subtrees(sub, (*path, key))]
 
 
+def forward_flops(
+    width: int,
+    *,
+    num_steps: int,
+    kernel_size: int,
+    stem_size: int = 5,
+    image_size: int = 32,
+    in_channels: int = 1,
+    num_classes: int = 2,
+) -> float:
+    """Forward FLOPs per image of :class:`HGRUNet` (2 per multiply-add, convolutions and gates only):
+    the stem ``2 s² C_in C H W``, then per loop the inhibition and excitation convolutions
+    ``2 · 2 k² C² H W`` and the gain and mix gates (1 × 1) ``2 · 2 C² H W``; plus the dense head."""
+    pixels = image_size * image_size
+    stem = 2 * stem_size**2 * in_channels * width * pixels
+    loop = (2 * 2 * kernel_size**2 * width * width + 2 * 2 * width * width) * pixels
+    return float(stem + num_steps * loop + 2 * width * num_classes)
+
+
 class HGRUNet(nn.Module):
     """The benchmark's hGRU model: stem convolution → T hGRU loops → GroupNorm → global max pool → dense.
 

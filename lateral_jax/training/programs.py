@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from lateral_jax.core import dynamics, hgru_models, models
 from lateral_jax.training import device_epochs, train
 from lateral_jax.training.config import ModelConfig
+from lateral_jax.training.data import sources
 from lateral_jax.training.train import OptimizerConfig
 
 COMPILATION_CACHE_ENV = "LATERAL_JAX_COMPILATION_CACHE"
@@ -50,6 +51,22 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str 
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     return folder
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """What the entry points print besides their own lines: with ``verbose`` everything, else only
+    errors from the libraries' loggers (JAX's backend probing, tfds's preparation notes) and no tfds
+    progress bars, so a refusal is the one ``error:`` line it writes.  Python ``warnings`` (the
+    library's own advice) are not affected."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    level = logging.INFO if verbose else logging.ERROR
+    absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.ERROR)
+    for name in ("", "absl", "jax", "tensorflow_datasets"):
+        logging.getLogger(name).setLevel(level)
+    sources.TFDS_PROGRESS["show"] = verbose
 
 
 def build_model(config: ModelConfig, num_classes: int, input_shape: tuple[int, ...]) -> Any:

@@ -62,6 +62,21 @@ class RunFolderError(RuntimeError):
     """The run folder cannot be used: not a folder, not writable, or in use by another run."""
 
 
+def one_line(message: str) -> str:
+    """A multi-line error message as the one line a command prints: indented item lines are joined
+    with ``"; "``, the rest with spaces."""
+    out = ""
+    previous_item = False
+    for line in message.splitlines():
+        if not line.strip():
+            continue
+        item = line[:1].isspace()
+        glue = "; " if item and previous_item else " "
+        out = f"{out}{glue}{line.strip()}" if out else line.strip()
+        previous_item = item
+    return out
+
+
 class ConfigMismatchError(RunFolderError):
     """The run folder holds checkpoints of a different config; ``differences`` maps field → (old, new)."""
 

@@ -4,8 +4,7 @@
   ``tfds.data_source`` (array_record).  Reading it needs no TensorFlow; preparing it is tfds's
   builder's job (many of tfds's builders import TensorFlow to prepare: MNIST, Fashion-MNIST and
   CIFAR-10 are prepared without it from their release files by
-  :mod:`lateral_jax.training.data.official`).  Offline and absent, it fails at once with a clear
-  error (tfds itself would retry for minutes).
+  :mod:`lateral_jax.training.data.official`).  Offline and absent, it fails at once (tfds would retry).
 * :class:`ImageFolderArchive` — a tfds builder for images laid out ``[<split>/]<class>/<image>``
   in a ``.tar``/``.tar.gz``/``.zip`` archive or a folder (CIFAR-10 JPEG archive, Kaggle's Natural
   Images), written once as array_record and then read with random access.
@@ -99,12 +98,16 @@ def train_validation_split(
 # --------------------------------------------------------------------------------------------
 
 
+TFDS_PROGRESS = {"show": True}  # tfds's progress bars while it prepares data (entry points: off)
+
+
 def import_tfds():
     """``tensorflow_datasets`` (the data extra), or an ``ImportError`` saying how to install it."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError("tfds datasets need the data extra: pip install 'lateral_jax[data]'") from e
+    tfds.display_progress_bar(TFDS_PROGRESS["show"])
     return tfds
 
 
