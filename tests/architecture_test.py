@@ -74,3 +74,14 @@ def test_no_lateral_jax_import_is_deferred_into_a_function():
 def test_modules_are_small_enough_to_read():
     sizes = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
     assert {n: s for n, s in sizes.items() if s > MAX_MODULE_LINES} == {}
+
+
+def test_only_the_plan_asks_jax_for_the_backend_inside_the_core():
+    """Run policy is resolved once (``lateral_jax.core.plan``): the maths never reads the backend,
+    so the same pure function traces the same program wherever it is traced."""
+    readers = sorted(
+        name
+        for name, path in MODULES.items()
+        if name.startswith("lateral_jax.core") and "default_backend" in path.read_text()
+    )
+    assert readers == ["lateral_jax.core.plan"]

@@ -22,7 +22,7 @@ from PIL import Image
 from run_test import ROOT, tiny_config
 
 from experiments import main as main_cli
-from lateral_jax.core import implicit, loops, recurrence
+from lateral_jax.core import implicit, plan, recurrence
 from lateral_jax.core.config import LateralConfig
 from lateral_jax.core.params import init_params
 from lateral_jax.training import checkpoint, run, train
@@ -541,7 +541,7 @@ def test_training_logs_the_largest_loop_residual():
 
 
 def test_long_loops_roll_on_cpu_so_compile_time_stays_bounded():
-    assert loops.default_scan_unroll(10_000) == 1
+    assert plan.default_scan_unroll(10_000) == 1
     config = LateralConfig.stable(num_groups=2)
     params = init_params(jax.random.key(0), in_channels=1, out_channels=2, config=config)
     x = jnp.ones((1, 4, 4, 1))

@@ -167,7 +167,7 @@ class LoopOptions:
         at the 1st, 10th, 100th, ... occurrence) when the solve stops with a residual above
         ``implicit_tol`` — its outputs and gradients then differ from a long unroll's.
       scan_unroll: ``lax.scan`` unroll factor, ``True`` for a Python-unrolled loop, or ``"auto"``
-        (:func:`lateral_jax.core.loops.default_scan_unroll`).
+        (:func:`lateral_jax.core.plan.default_scan_unroll`).
       remat_batch_chunks: ``"remat"`` only: run the loops on this many equal slices of the batch,
         each recomputed on its own in the backward pass; ``"auto"`` picks about √T.
       batch_axes: ``"implicit"`` only: the named axes the batch is split along under ``jax.pmap``

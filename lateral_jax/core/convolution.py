@@ -4,7 +4,9 @@
 :func:`lateral_jax.core.winograd.conv3x3` (full-mixing 3×3 kernels only; reverse-mode
 differentiation only).  ``"auto"`` takes Winograd where it is faster and XLA everywhere else:
 
-* on CPU, in float32/float64, for full-mixing 3×3 kernels;
+* on CPU (the backend's plan, :func:`lateral_jax.core.plan.resolve`, makes ``"auto"`` ``"xla"``
+  elsewhere before the layer runs; this module never asks for the backend), in float32/float64,
+  for full-mixing 3×3 kernels;
 * with at least :data:`WINOGRAD_MIN_CHANNELS` input channels (thinner matmuls do not pay);
 * when ``batch·H·W·C_in·C_out ≥`` :data:`WINOGRAD_MIN_SIZE` (smaller convolutions do not repay the
   extra compile time of the chunked, hand-differentiated Winograd path).
@@ -58,10 +60,9 @@ def use_winograd(x: jax.Array, w: jax.Array, algorithm: ConvAlgorithm, *, depthw
                 f"{'depthwise ' if depthwise else ''}kernel. Use conv_algorithm='auto' or 'xla'."
             )
         return True
-    return (
+    return (  # "auto" reaches here only on CPU: lateral_jax.core.plan turns it into "xla" elsewhere
         algorithm == "auto"
         and winograd_eligible(x, w, depthwise=depthwise)
-        and jax.default_backend() == "cpu"
         and x.shape[-1] >= WINOGRAD_MIN_CHANNELS
         and math.prod(x.shape) * w.shape[-1] >= WINOGRAD_MIN_SIZE
     )

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from lateral_jax.core import hgru
+from lateral_jax.core import hgru, plan
 from lateral_jax.core.config import LateralConfig
 from lateral_jax.core.hgru_models import HGRULayer
 from lateral_jax.core.hgru_models import layer_params as hgru_layer_params
@@ -46,7 +46,9 @@ State = Float[Array, "b h w c"]
 def loop_map(
     params: LateralParams, drive: State, config: LateralConfig, *, leak: bool = True
 ) -> Callable[[State], State]:
-    """``a ↦ S(a)`` (one loop, with the leak) or, with ``leak=False``, ``a ↦ F(a)``."""
+    """``a ↦ S(a)`` (one loop, with the leak) or, with ``leak=False``, ``a ↦ F(a)``, as the backend's
+    plan runs it (:func:`lateral_jax.core.plan.resolve`)."""
+    config = plan.resolve(config).config
     if leak:
         return lambda a: lateral_step(a, None, params=params, drive=drive, config=config)[0]
     return lambda a: fixed_point_map(params, drive, a, config)
@@ -267,7 +269,7 @@ def layer_spectral_radii(
         if isinstance(module, LateralRecurrence):
             drive = inputs  # the layer is given its drive
         else:
-            drive = afferent_drive(p, inputs.astype(module.dtype), module.config)
+            drive = afferent_drive(p, inputs.astype(module.dtype), plan.resolve(module.config).config)
         radii[name] = spectral_radius(p, drive, out.final, config=module.config, num_iters=num_iters, key=key)
     return radii
 

@@ -51,6 +51,7 @@ from jax.experimental import hijax
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
+from lateral_jax.core import plan
 from lateral_jax.core.config import GradMode, LateralConfig
 from lateral_jax.core.convolution import conv
 from lateral_jax.core.fused_kernels import LoopGeometry, check_supported, geometry, loop_grad_kernel, loop_kernel
@@ -258,7 +259,7 @@ def loop_states(
     """
     check_supported(drive.shape, config, params.w_inh is not None)
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = plan.resolve(config).pallas_interpret
     g = geometry(drive.shape, config, num_steps)
     c = g.channels
     if params.loop_norm is not None:
@@ -290,8 +291,10 @@ def recur_fused(
     config: LateralConfig,
     grad_mode: GradMode,
     return_states: bool,
+    interpret: bool | None = None,
 ) -> Unrolled:
-    """:func:`lateral_jax.core.recurrence.recur` with ``loop_kernel="pallas"`` (full BPTT gradient)."""
+    """:func:`lateral_jax.core.recurrence.recur` with ``loop_kernel="pallas"`` (full BPTT gradient);
+    ``interpret`` as :func:`loop_states`."""
     if grad_mode != "full":
         raise ValueError(
             f"loop_kernel='pallas' computes the full BPTT gradient (grad_mode='full'); got grad_mode={grad_mode!r}. "
@@ -300,7 +303,7 @@ def recur_fused(
     a0 = initial_state(params, drive, config)
     if num_steps == 0:
         return Unrolled(a0, a0[None] if return_states else None, relative_change(a0, a0))
-    states = loop_states(params, drive, a0, num_steps=num_steps, config=config)
+    states = loop_states(params, drive, a0, num_steps=num_steps, config=config, interpret=interpret)
     return Unrolled(states[-1], states if return_states else None, relative_change(states[-1], states[-2]))
 
 

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from lateral_jax.core import implicit, loops
+from lateral_jax.core import implicit, loops, plan
 from lateral_jax.core.config import (
     ACTIVATIONS,
     NORMS,
@@ -250,12 +250,14 @@ def run(
     config: HGRUConfig = HGRUConfig(),
     loop: LoopOptions = LoopOptions(),
     return_states: bool = False,
+    backend: str | None = None,
 ) -> Unrolled:
     """T hGRU loops on ``drive`` in ``loop.grad_mode``; returns :class:`Unrolled` ``(h(T), h(0..T), residual)``.
 
     ``"full"``, ``"remat"`` (√T segments under ``jax.checkpoint``) and ``"truncated"`` run the
     same loop as :func:`lateral_jax.core.loops.run_loops`; ``"implicit"`` returns the fixed point
     ``h* = Φ(h*)`` from ``h(0)`` (``num_steps`` ignored) with implicit-function-theorem gradients.
+    ``backend``: the platform to plan the loops for (:func:`lateral_jax.core.plan.resolve`).
     """
     num_steps = check_num_steps(num_steps)
     check_params(params, drive, config)
@@ -273,8 +275,9 @@ def run(
         new = fmap(h)
         return new, new
 
-    unroll = loops.default_scan_unroll(num_steps) if loop.scan_unroll == "auto" else loop.scan_unroll
-    outer = True if loop.scan_unroll == "auto" and jax.default_backend() == "cpu" else 1
+    run_plan = plan.resolve(backend=backend)
+    unroll = run_plan.scan_unroll(num_steps, loop)
+    outer = True if loop.scan_unroll == "auto" and run_plan.backend == "cpu" else 1
     run_on = functools.partial(
         loops.run_loops,
         step_fn,
@@ -283,6 +286,7 @@ def run(
         scan_unroll=unroll,
         remat=loop.grad_mode == "remat",
         remat_outer_unroll=outer,
+        python_loops=run_plan.python_loops,
     )
     head = max(num_steps - loop.truncate_steps, 0) if loop.grad_mode == "truncated" else 0
     if head == 0:

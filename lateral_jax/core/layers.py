@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lateral_jax.core import ei, implicit, recurrence
+from lateral_jax.core import ei, implicit, plan, recurrence
 from lateral_jax.core.config import LateralConfig, LoopOptions
 from lateral_jax.core.layer import Unrolled, fixed_point_map
 from lateral_jax.core.params import LateralParams, NormParams, init_afferent_kernel
@@ -104,7 +104,7 @@ class LateralConv(nn.Module):
     def __call__(self, x: jax.Array, *, return_states: bool = False) -> Unrolled:
         num_steps = recurrence.check_num_steps(self.num_steps)
         ei.check_mode(self.ei_mode)
-        cfg = self.config
+        cfg = plan.resolve(self.config).config  # the backend's choices, made once
         cfg.check_channels(self.features)
         recurrence.check_input(x, x.shape[-1])
         w_ff = self.param("w_ff", lambda key: init_afferent_kernel(key, cfg, x.shape[-1], self.features))

@@ -13,12 +13,10 @@ values; they differ in what the backward pass stores and recomputes:
 * ``"truncated"``: gradients flow through the last ``truncate_steps`` loops only; ``a(T-K)`` is
   treated as a constant.
 
-Unrolling: on CPU, the gradient of an XLA convolution inside a *rolled* ``while`` loop takes a
-pathologically slow XLA path (jax-ml/jax#12868), so :func:`default_scan_unroll` unrolls such loops
-there up to T = :data:`CPU_MAX_UNROLLED_STEPS`.  Longer loops roll, so compile time stays bounded at
-any T; with ``conv_algorithm="auto"`` their 3×3 convolutions then take the Winograd path, which
-rolls at full speed (other kernels roll on the slow path).  Elsewhere loops of up to 16 steps are
-unrolled and longer ones rolled.
+Unrolling and every other backend-dependent choice is made before tracing by
+:func:`lateral_jax.core.plan.resolve` (the :class:`~lateral_jax.core.plan.RunPlan` passed to
+:func:`run`): on CPU a fully unrolled loop is a Python loop (jax-ml/jax#12868), elsewhere a
+``lax.scan``; long CPU loops roll and give their 3×3 convolutions the Winograd path.
 """
 
 from __future__ import annotations
@@ -32,10 +30,11 @@ import jax
 import jax.numpy as jnp
 
 from lateral_jax.core.batching import largest_divisor, merge_batch, split_batch
-from lateral_jax.core.config import LateralConfig, LoopOptions, ScanUnroll
+from lateral_jax.core.config import LoopOptions
 from lateral_jax.core.convolution import use_winograd, winograd_eligible
 from lateral_jax.core.layer import Unrolled, initial_state, lateral_step, relative_change
 from lateral_jax.core.params import LateralParams
+from lateral_jax.core.plan import CPU_MAX_UNROLLED_STEPS, RunPlan
 
 # (carry, x) -> (carry, y): one loop.
 StepFn = Callable[[jax.Array, jax.Array | None], tuple[jax.Array, jax.Array]]
@@ -43,35 +42,17 @@ StepFn = Callable[[jax.Array, jax.Array | None], tuple[jax.Array, jax.Array]]
 LoopResult = tuple[jax.Array, jax.Array | None, jax.Array]
 
 
-# Longest loop that ``scan_unroll="auto"`` unrolls on CPU; compile time grows linearly with the
-# unrolled length (docs/performance.md), so longer loops roll.
-CPU_MAX_UNROLLED_STEPS = 32
-# Longest loop that ``scan_unroll="auto"`` unrolls everywhere.
-MAX_UNROLLED_STEPS = 16
-
-
-def default_scan_unroll(num_steps: int, *, xla_conv_in_loop: bool = True) -> int | bool:
-    """The unroll factor ``scan_unroll="auto"`` picks: ``True`` (a Python-unrolled loop) for loops
-    of at most :data:`MAX_UNROLLED_STEPS` steps, and on CPU, when the loop contains an XLA
-    convolution (jax-ml/jax#12868), of at most :data:`CPU_MAX_UNROLLED_STEPS`; 1 (rolled)
-    otherwise, which bounds compile time and memory for long loops (a rolled loop on CPU runs each
-    step of a loop of XLA convolutions many times slower, so :func:`run` gives such loops' 3×3
-    convolutions the Winograd path; compile time stays flat at any T)."""
-    if num_steps <= MAX_UNROLLED_STEPS:
-        return True
-    if jax.default_backend() == "cpu" and xla_conv_in_loop and num_steps <= CPU_MAX_UNROLLED_STEPS:
-        return True
-    return 1
-
-
-def scan(body, init, xs, length: int, scan_unroll: ScanUnroll):
-    """``lax.scan``, except that a full unroll is a Python loop (the same values, stacked).
+def scan(body, init, xs, length: int, scan_unroll: int | bool, python_loops: bool = True):
+    """``lax.scan`` with unroll factor ``scan_unroll``; with ``python_loops`` (the CPU plan) a full
+    unroll is a Python loop (the same values, stacked).
 
     ``lax.scan(..., unroll=True)`` still emits a ``while`` loop around the unrolled body (a
     one-trip loop when ``length`` is 1), which is enough for XLA:CPU to take jax#12868's slow path.
     """
-    unroll_factor = default_scan_unroll(length) if scan_unroll == "auto" else scan_unroll
-    if unroll_factor is True or (not isinstance(unroll_factor, bool) and unroll_factor >= length):
+    if scan_unroll == "auto":
+        raise ValueError("scan_unroll='auto' is resolved by lateral_jax.core.plan before the loops run.")
+    unroll_factor = scan_unroll
+    if python_loops and (unroll_factor is True or (not isinstance(unroll_factor, bool) and unroll_factor >= length)):
         carry, ys = init, []
         for i in range(length):
             carry, y = body(carry, None if xs is None else jax.tree_util.tree_map(lambda a, i=i: a[i], xs))
@@ -80,7 +61,9 @@ def scan(body, init, xs, length: int, scan_unroll: ScanUnroll):
     return jax.lax.scan(body, init, xs, length=length, unroll=unroll_factor)
 
 
-def _scan_steps(step_fn: StepFn, a0: jax.Array, xs, length: int, *, return_states: bool, scan_unroll):
+def _scan_steps(
+    step_fn: StepFn, a0: jax.Array, xs, length: int, *, return_states: bool, scan_unroll, python_loops: bool
+):
     """Scans ``length`` steps from ``a0``; returns ``((a(T), a(T-1)), a(1..T) or None)``."""
 
     def body(carry, x):
@@ -88,7 +71,7 @@ def _scan_steps(step_fn: StepFn, a0: jax.Array, xs, length: int, *, return_state
         new, _ = step_fn(prev, x)
         return (new, prev), (new if return_states else None)
 
-    return scan(body, (a0, a0), xs, length, scan_unroll)
+    return scan(body, (a0, a0), xs, length, scan_unroll, python_loops)
 
 
 def remat_segment_length(num_steps: int) -> int:
@@ -97,7 +80,14 @@ def remat_segment_length(num_steps: int) -> int:
 
 
 def _scan_steps_remat(
-    step_fn: StepFn, a0: jax.Array, num_steps: int, *, return_states: bool, scan_unroll, outer_unroll
+    step_fn: StepFn,
+    a0: jax.Array,
+    num_steps: int,
+    *,
+    return_states: bool,
+    scan_unroll,
+    outer_unroll,
+    python_loops: bool,
 ):
     """√T checkpointing: an outer scan over segments of S = round(√T) loops, each segment under
     ``jax.checkpoint``; the backward pass stores the T/S segment inputs and recomputes one segment
@@ -107,11 +97,19 @@ def _scan_steps_remat(
 
     def segment(length):
         return jax.checkpoint(
-            lambda a: _scan_steps(step_fn, a, None, length, return_states=return_states, scan_unroll=scan_unroll)
+            lambda a: _scan_steps(
+                step_fn,
+                a,
+                None,
+                length,
+                return_states=return_states,
+                scan_unroll=scan_unroll,
+                python_loops=python_loops,
+            )
         )
 
     run_seg = segment(seg)
-    (final, before), ys = scan(lambda carry, _: run_seg(carry[0]), (a0, a0), None, n_seg, outer_unroll)
+    (final, before), ys = scan(lambda carry, _: run_seg(carry[0]), (a0, a0), None, n_seg, outer_unroll, python_loops)
     if return_states:
         ys = ys.reshape((n_seg * seg, *ys.shape[2:]))
     if rem:
@@ -128,11 +126,15 @@ def run_loops(
     num_steps: int,
     *,
     return_states: bool,
-    scan_unroll: ScanUnroll,
+    scan_unroll: int | bool,
     remat: bool = False,
     remat_outer_unroll: int | bool = 1,
+    python_loops: bool = True,
 ) -> LoopResult:
-    """Runs ``num_steps`` loops from ``a0``; returns ``(a(T), a(0..T) or None, a(T-1))``."""
+    """Runs ``num_steps`` loops from ``a0``; returns ``(a(T), a(0..T) or None, a(T-1))``.
+
+    ``scan_unroll`` and ``remat_outer_unroll`` are concrete (:mod:`lateral_jax.core.plan`);
+    ``python_loops``: a full unroll is a Python loop (the CPU plan), else a ``lax.scan``."""
     if num_steps == 0:
         return a0, (a0[None] if return_states else None), a0
     if remat and num_steps > 1:  # one loop is one segment: checkpointing it only adds buffers
@@ -143,10 +145,11 @@ def run_loops(
             return_states=return_states,
             scan_unroll=scan_unroll,
             outer_unroll=remat_outer_unroll,
+            python_loops=python_loops,
         )
     else:
         (final, before), ys = _scan_steps(
-            step_fn, a0, xs, num_steps, return_states=return_states, scan_unroll=scan_unroll
+            step_fn, a0, xs, num_steps, return_states=return_states, scan_unroll=scan_unroll, python_loops=python_loops
         )
     states = jnp.concatenate([a0[None], ys], axis=0) if return_states else None
     return final, states, before
@@ -162,7 +165,7 @@ def default_remat_batch_chunks(batch: int, num_steps: int) -> int:
 
 
 def map_batch_chunks(
-    fn: Callable[[jax.Array], LoopResult], x: jax.Array, num_chunks: int, *, rolled: bool
+    fn: Callable[[jax.Array], LoopResult], x: jax.Array, num_chunks: int, *, rolled: bool, python_loops: bool = True
 ) -> LoopResult:
     """``fn`` applied to ``num_chunks`` equal slices of ``x``'s batch axis; outputs reassembled.
 
@@ -171,7 +174,12 @@ def map_batch_chunks(
     ``(final, states | None, before)``; ``states`` has its batch on axis 1.
     """
     _, (final, states, before) = scan(
-        lambda carry, d: (carry, fn(d)), None, split_batch(x, num_chunks), num_chunks, 1 if rolled else True
+        lambda carry, d: (carry, fn(d)),
+        None,
+        split_batch(x, num_chunks),
+        num_chunks,
+        1 if rolled else True,
+        python_loops,
     )
     merged_states = None if states is None else merge_batch(states, axis=1)
     return merge_batch(final), merged_states, merge_batch(before)
@@ -194,18 +202,21 @@ def run(
     drive: jax.Array,
     *,
     num_steps: int,
-    config: LateralConfig,
     loop: LoopOptions,
     return_states: bool,
+    plan: RunPlan,
 ) -> Unrolled:
-    """The T loops of the weight-shared layer on ``drive`` in ``loop.grad_mode`` (not ``"implicit"``)."""
+    """The T loops of the weight-shared layer on ``drive`` in ``loop.grad_mode`` (not ``"implicit"``),
+    as ``plan`` (:func:`lateral_jax.core.plan.resolve`) says on its backend."""
+    config = plan.config
     kernels = [params.w_lat] + ([] if params.w_inh is None else [params.w_inh])
     depthwise = config.mixing == "depthwise"
     winograd_loop = all(use_winograd(drive, k, config.conv_algorithm, depthwise=depthwise) for k in kernels)
+    on_cpu = plan.backend == "cpu"
     if (
         loop.scan_unroll == "auto"
         and config.conv_algorithm == "auto"
-        and jax.default_backend() == "cpu"
+        and on_cpu
         and num_steps > CPU_MAX_UNROLLED_STEPS
         and not winograd_loop
         and all(winograd_eligible(drive, k, depthwise=depthwise) for k in kernels)
@@ -214,10 +225,10 @@ def run(
         # slowly (jax#12868): its 3×3 convolutions take the Winograd path, which rolls at full speed.
         config = dataclasses.replace(config, conv_algorithm="winograd")
         winograd_loop = True
-    slow_rolled_conv = jax.default_backend() == "cpu" and not winograd_loop
+    slow_rolled_conv = on_cpu and not winograd_loop
     scan_unroll = remat_outer_unroll = loop.scan_unroll
     if scan_unroll == "auto":
-        scan_unroll = default_scan_unroll(num_steps, xla_conv_in_loop=not winograd_loop)
+        scan_unroll = plan.scan_unroll(num_steps, loop, xla_conv_in_loop=not winograd_loop)
         # remat's outer loop over segments stays rolled: unrolled, XLA:CPU schedules the
         # recomputation next to the forward pass and keeps every state alive.
         remat_outer_unroll = True if slow_rolled_conv else 1
@@ -234,6 +245,7 @@ def run(
             scan_unroll=scan_unroll,
             remat=remat,
             remat_outer_unroll=remat_outer_unroll,
+            python_loops=plan.python_loops,
         )
 
     if remat:
@@ -241,7 +253,9 @@ def run(
         if chunks > 1:
             # Only each chunk's drive is kept for the backward pass, which recomputes one chunk at a time.
             one_chunk = jax.checkpoint(lambda d: loops_on(d, initial_state(params, d, config), num_steps))
-            final, states, before = map_batch_chunks(one_chunk, drive, chunks, rolled=remat_outer_unroll is not True)
+            final, states, before = map_batch_chunks(
+                one_chunk, drive, chunks, rolled=remat_outer_unroll is not True, python_loops=plan.python_loops
+            )
             return Unrolled(final, states, relative_change(final, before))
 
     a0 = initial_state(params, drive, config)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen, nnx
 
-from lateral_jax.core import dynamics, ei, pooling, recurrence
+from lateral_jax.core import dynamics, ei, plan, pooling, recurrence
 from lateral_jax.core.config import LateralConfig, LoopOptions
 from lateral_jax.core.layer import Unrolled, check_input
 from lateral_jax.core.models import ModelOutput, Record, _check_widths, _wants, weighted_ei_penalty
@@ -136,14 +136,14 @@ class LateralConv(_LateralParams):
         :func:`lateral_jax.core.dynamics.layer_spectral_radii` for Linen; not for the unshared control)."""
         if self.num_steps == 0 or self.unshared:
             raise ValueError("spectral_radius needs a weight-shared layer with num_steps > 0 (one loop map).")
-        params, cfg = self.layer_params(), self.lateral_config
+        params, cfg = self.layer_params(), plan.resolve(self.lateral_config).config
         drive = recurrence.afferent_drive(params, x.astype(self.dtype), cfg)
         state = self(x).final
         return dynamics.spectral_radius(params, drive, state, config=cfg, num_iters=num_iters)
 
     def __call__(self, x: jax.Array, *, return_states: bool = False) -> Unrolled:
         check_input(x, self.in_features)
-        params, cfg = self.layer_params(), self.lateral_config
+        params, cfg = self.layer_params(), plan.resolve(self.lateral_config).config
         x = x.astype(self.dtype)
         if self.num_steps == 0:
             a0 = recurrence.initial_state(params, recurrence.afferent_drive(params, x, cfg), cfg)

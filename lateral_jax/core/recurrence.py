@@ -28,7 +28,7 @@ import functools
 
 from jaxtyping import Array, Float
 
-from lateral_jax.core import fused, implicit, loops
+from lateral_jax.core import fused, implicit, loops, plan
 from lateral_jax.core.config import (
     ACTIVATIONS,
     CONV_ALGORITHMS,
@@ -63,7 +63,7 @@ from lateral_jax.core.layer import (
     normalise,
     relative_change,
 )
-from lateral_jax.core.loops import default_remat_batch_chunks, default_scan_unroll, remat_segment_length
+from lateral_jax.core.loops import default_remat_batch_chunks, remat_segment_length
 from lateral_jax.core.params import (
     LateralParams,
     NormParams,
@@ -72,6 +72,7 @@ from lateral_jax.core.params import (
     init_params,
     lateral_kernel_shape,
 )
+from lateral_jax.core.plan import default_scan_unroll
 
 step = lateral_step
 
@@ -84,15 +85,27 @@ def recur(
     config: LateralConfig = LateralConfig(),
     loop: LoopOptions | None = None,
     return_states: bool = True,
+    backend: str | None = None,
     **loop_overrides,
 ) -> Unrolled:
-    """Runs the lateral loops on a precomputed afferent drive ``d`` (see :func:`unroll`)."""
+    """Runs the lateral loops on a precomputed afferent drive ``d`` (see :func:`unroll`).
+
+    ``backend``: the platform to plan for (:func:`lateral_jax.core.plan.resolve`; default JAX's
+    default backend), so the same call traces the same program wherever it is traced."""
     num_steps = check_num_steps(num_steps)
     loop = loop_options(loop, **loop_overrides)
     check_lateral_params(params, drive, config)
+    run_plan = plan.resolve(config, backend)
+    config = run_plan.config
     if config.loop_kernel == "pallas":
         return fused.recur_fused(
-            params, drive, num_steps=num_steps, config=config, grad_mode=loop.grad_mode, return_states=return_states
+            params,
+            drive,
+            num_steps=num_steps,
+            config=config,
+            grad_mode=loop.grad_mode,
+            return_states=return_states,
+            interpret=run_plan.pallas_interpret,
         )
     if loop.grad_mode == "implicit":
         if return_states:
@@ -110,7 +123,7 @@ def recur(
             batch_axes=loop.batch_axes,
         )
         return Unrolled(final, None, residual)
-    return loops.run(params, drive, num_steps=num_steps, config=config, loop=loop, return_states=return_states)
+    return loops.run(params, drive, num_steps=num_steps, loop=loop, return_states=return_states, plan=run_plan)
 
 
 def unroll(
@@ -121,6 +134,7 @@ def unroll(
     config: LateralConfig = LateralConfig(),
     loop: LoopOptions | None = None,
     return_states: bool = True,
+    backend: str | None = None,
     **loop_overrides,
 ) -> Unrolled:
     """Applies the lateral layer to an NHWC batch: ``d = N_d(W_ff * x + b)`` then T loops.
@@ -134,14 +148,25 @@ def unroll(
       loop: how the loops run and are differentiated, :class:`LoopOptions` (default: its defaults).
       return_states: also return ``a(0..T)`` as ``[T+1, B, H, W, C]`` (needed for analysis; costs
         T+1 activations of memory).
+      backend: the platform to plan for (``"cpu"``, ``"gpu"``, ``"tpu"``; default: JAX's default
+        backend): :func:`lateral_jax.core.plan.resolve` turns every ``"auto"`` into a concrete choice
+        for it before tracing.
       **loop_overrides: fields of :class:`LoopOptions` to override, e.g. ``grad_mode="remat"``.
 
     Returns:
       :class:`Unrolled` ``(final, states, residual)``.
     """
+    config = plan.resolve(config, backend).config
     drive = afferent_drive(params, x, config)
     return recur(
-        params, drive, num_steps=num_steps, config=config, loop=loop, return_states=return_states, **loop_overrides
+        params,
+        drive,
+        num_steps=num_steps,
+        config=config,
+        loop=loop,
+        return_states=return_states,
+        backend=backend,
+        **loop_overrides,
     )
 
 
@@ -152,6 +177,7 @@ def unroll_unshared(
     config: LateralConfig = LateralConfig(),
     loop: LoopOptions | None = None,
     return_states: bool = True,
+    backend: str | None = None,
     **loop_overrides,
 ) -> Unrolled:
     """The compute-matched control: T loops, each with its *own* kernel ``params.w_lat[t]``.
@@ -166,12 +192,20 @@ def unroll_unshared(
             f"{config.loop_kernel!r}. Use loop_kernel='xla' for it."
         )
     loop = loop_options(loop, **loop_overrides)
+    run_plan = plan.resolve(config, backend)
+    config = run_plan.config
     drive = afferent_drive(params, x, config)
     num_steps = params.w_lat.shape[0]
     a0 = initial_state(params, drive, config)
     step_fn = functools.partial(lateral_step, params=params._replace(w_inh=None), drive=drive, config=config)
     final, states, before = loops.run_loops(
-        step_fn, a0, params.w_lat, num_steps, return_states=return_states, scan_unroll=loop.scan_unroll
+        step_fn,
+        a0,
+        params.w_lat,
+        num_steps,
+        return_states=return_states,
+        scan_unroll=run_plan.scan_unroll(num_steps, loop),
+        python_loops=run_plan.python_loops,
     )
     return Unrolled(final, states, relative_change(final, before))
 
