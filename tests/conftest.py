@@ -81,6 +81,8 @@ SLOW = frozenset(
         "tests/parallel_test.py::test_every_grad_mode_under_shard_map_equals_one_device",
         "tests/parallel_test.py::test_pmap_step_equals_the_jit_step",
         "tests/parallel_test.py::test_implicit_and_truncated_modes_under_pmap_equal_one_device",
+        "tests/plan_test.py::test_gpu_and_tpu_plans_scan_where_the_cpu_plan_unrolls_and_all_agree",
+        "tests/plan_test.py::test_long_cpu_loops_and_the_hgru_follow_their_plans",
         "tests/parallel_test.py::test_shard_map_step_equals_the_jit_step",
         "tests/predict_test.py::test_predictions_on_the_validation_images_give_the_runs_validation_accuracy",
         "tests/predict_test.py::test_the_cli_refuses_bad_input_with_one_line_and_exit_2",
