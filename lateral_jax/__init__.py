@@ -7,8 +7,9 @@ Three parts, with dependencies flowing one way (training and neuro use core, nev
 * :mod:`lateral_jax.training` — data, jitted data-parallel steps, checkpoints, resumable runs;
 * :mod:`lateral_jax.neuro` — stimuli, probes and the neurophysiology statistics.
 
-The names below are the public API; ``from lateral_jax import recurrence, ei, layers, models``
-also works.
+The names below are the public API (the Flax classes among them are the Linen ones); the two Flax
+faces are :mod:`lateral_jax.linen` and :mod:`lateral_jax.nnx` (the same layer and model names in
+each), and ``from lateral_jax import recurrence, ei, layers, models`` also works.
 """
 
 from lateral_jax.core import ei, layers, models, recurrence

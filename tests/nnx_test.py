@@ -116,3 +116,20 @@ def test_nnx_layers_give_their_params_and_spectral_radii_as_the_linen_analysis()
         dynamics.spectral_radius(p, drive, state, config=cfg, num_iters=20),
         rtol=1e-6,
     )
+
+
+def test_the_two_flax_faces_name_the_same_layers_and_models():
+    """``lateral_jax.linen`` and ``lateral_jax.nnx`` hold the same layer and model names, each the
+    class of its Flax API; the top-level names are the Linen ones."""
+    import flax.linen
+    from flax import nnx as flax_nnx
+
+    import lateral_jax
+    from lateral_jax import linen, nnx
+
+    shared = set(linen.__all__) - {"ModelOutput"}
+    assert shared <= set(nnx.__all__)
+    for name in shared:
+        assert issubclass(getattr(linen, name), flax.linen.Module), name
+        assert issubclass(getattr(nnx, name), flax_nnx.Module), name
+    assert lateral_jax.LateralConv is linen.LateralConv and lateral_jax.LCCNN is linen.LCCNN
