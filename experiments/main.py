@@ -41,13 +41,13 @@ from ml_collections import config_flags
 
 from experiments.configs import base
 from lateral_jax.training import checkpoint, programs, run, rundir, train
-from lateral_jax.training.config import RunConfig, to_dict
+from lateral_jax.training.config import MODEL_KIND_FAMILIES, RunConfig, to_dict
 from lateral_jax.training.data import sources
 from lateral_jax.training.rundir import ON_CONFIG_CHANGE
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "contour.py")
 # Model kinds the neurophysiology analysis (lateral_jax.neuro.probe) measures: the LateralCNN family.
-PROBED_KINDS = ("fcnn", "fcnn_matched", "lccnn", "lceicnn", "unshared")
+PROBED_KINDS = tuple(k for k, family in MODEL_KIND_FAMILIES.items() if family == "lateral_cnn")
 
 
 def define_flags(fv: flags.FlagValues, argv: list[str] | None = None) -> None:

@@ -18,14 +18,17 @@ from __future__ import annotations
 import re
 from typing import Any
 
-KINDS = ("fcnn_matched", "fcnn", "lccnn", "lceicnn", "unshared", "lateral_resnet", "hgru")
+from lateral_jax.training.config import MODEL_KINDS
+
+KINDS = MODEL_KINDS  # the registry (lateral_jax.training.config.MODEL_KIND_FAMILIES)
 _ONE_SUFFIX = r"_(T\d+|l[0-9.]+(?:e-?\d+)?|param|proj|k\d+|crbp)"
 # C-RBP's penalty weight in the ``_crbp`` variants (ours: the 2020 paper's code scales it per task)
 CONTRACTOR_WEIGHT = 1.0
 # ... and the solver's step bound: C-RBP runs a fixed, small number of forward and adjoint steps
 # (an untrained hGRU is not yet contractive, and 100 steps per solve made training 10x slower)
 CRBP_SOLVER_STEPS = 30
-_NAME = re.compile(r"^(?P<kind>" + "|".join(KINDS) + r")(?P<suffixes>(?:" + _ONE_SUFFIX + r")*)$")
+_LONGEST_FIRST = sorted(KINDS, key=len, reverse=True)  # "fcnn_matched" before "fcnn"
+_NAME = re.compile(r"^(?P<kind>" + "|".join(_LONGEST_FIRST) + r")(?P<suffixes>(?:" + _ONE_SUFFIX + r")*)$")
 _SUFFIX = re.compile(_ONE_SUFFIX)
 
 # The paper's three models and the two controls (the main job trains the first three).

@@ -26,7 +26,19 @@ SYNTHETIC = ("contour", "pathfinder", "pathfinder_published")
 DATASETS = (*SYNTHETIC, *official.DATASETS, "image_folder", "tfds")
 CROPS = ("pad", "random_resized")
 BLOCKS = ("basic", "bottleneck")
-MODEL_KINDS = ("fcnn", "fcnn_matched", "lccnn", "lceicnn", "unshared", "lateral_resnet", "hgru")
+# The one registry of model kinds: the configs' variant names, the command line, validation, the
+# model builder (``programs.build_model``) and the analysis read it.  Family: ``"lateral_cnn"`` (the
+# ``LateralCNN`` class, which the neurophysiology probe measures), ``"lateral_resnet"``, ``"hgru"``.
+MODEL_KIND_FAMILIES = {
+    "fcnn": "lateral_cnn",
+    "fcnn_matched": "lateral_cnn",
+    "lccnn": "lateral_cnn",
+    "lceicnn": "lateral_cnn",
+    "unshared": "lateral_cnn",
+    "lateral_resnet": "lateral_resnet",
+    "hgru": "hgru",
+}
+MODEL_KINDS = tuple(MODEL_KIND_FAMILIES)
 
 
 @dataclasses.dataclass(frozen=True)
