@@ -186,6 +186,44 @@ def train_gflop(s: Setup, dataset: str) -> float:
     return 3 * forward / 1e9
 
 
+def stream_bandwidth_gb_s(mib: int = 512, iters: int = 5) -> float:
+    """Memory bandwidth the compiled programs get: a jitted ``y = x * a + b`` over a ``mib``-MiB
+    float32 array (read once, written once; XLA:CPU runs it on every core), median of ``iters``."""
+    x = jnp.ones((mib * (1 << 20) // 4,), jnp.float32)
+    fn = jax.jit(lambda x: x * 1.0001 + 1e-7, donate_argnums=0)  # in place: no page faults timed
+    dt, _ = median_seconds(fn, x, iters)
+    return 2 * x.nbytes / dt / 1e9
+
+
+def roofline_row(dataset: str, protocol_name: str, variant: str, iters: int, peak_gflop_s: float, bandwidth: float):
+    """``--roofline``: the train step's FLOPs and bytes accessed as XLA counts them (its cost analysis
+    of the compiled step, after fusion), the arithmetic intensity, and the roofline bound
+    ``min(peak, intensity × bandwidth)`` with the reference workload's GFLOP/s as the peak and the
+    measured stream bandwidth; the measured rate (XLA FLOPs / step time) and its fraction of the bound."""
+    s = setup(dataset, protocol_name, variant, 1)
+    compiled, _ = compile_step(s)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    step_s, _ = median_seconds(lambda st: compiled(st, s.batch)[0], s.state, iters)
+    flops, moved = float(cost["flops"]), float(cost["bytes accessed"])
+    intensity = flops / moved
+    bound = min(peak_gflop_s, intensity * bandwidth)
+    rate = flops / step_s / 1e9
+    name = f"{dataset}/{variant}" if protocol_name in study.PROTOCOLS else f"{protocol_name}:{dataset}/{variant}"
+    return {
+        "roofline": name,
+        "protocol": protocol_name,
+        "batch": len(s.batch["label"]),
+        "xla_gflop_per_step": round(flops / 1e9, 3),
+        "xla_gb_accessed_per_step": round(moved / 1e9, 3),
+        "flop_per_byte": round(intensity, 2),
+        "bound_gflop_per_s": round(bound, 1),
+        "bound": "bandwidth" if bound < peak_gflop_s else "compute",
+        "measured_gflop_per_s": round(rate, 1),
+        "fraction_of_bound": round(rate / bound, 2),
+    }
+
+
 def ab_norm_row(dataset: str, protocol_name: str, variant: str, pairs: int, min_block_s: float) -> dict:
     """``--ab-norm``: the model's step with :func:`layer.group_norm` against the same step with the
     one-step reference :func:`layer.group_norm_direct`, in ``pairs`` alternating blocks of steps
@@ -257,6 +295,12 @@ def main(argv=None) -> None:
         metavar="DIR",
         help="use JAX's persistent compilation cache in DIR (run twice: the second run's compile_s is a cache load)",
     )
+    p.add_argument(
+        "--roofline",
+        action="store_true",
+        help="instead: each model's XLA FLOPs and bytes per step, intensity, and the roofline bound from the "
+        "reference workload's GFLOP/s and the measured stream bandwidth",
+    )
     p.add_argument("--out", default=None, help="append the JSON lines to this file too")
     args = p.parse_args(argv)
     wanted = None if args.only is None else set(args.only.split(","))
@@ -278,6 +322,21 @@ def main(argv=None) -> None:
     if reference:
         rows.append(reference)
         print(json.dumps(reference), flush=True)
+    if args.roofline:
+        if reference is None:
+            raise SystemExit("--roofline needs the reference workload's rate as the peak; drop --no-reference")
+        bandwidth = stream_bandwidth_gb_s()
+        rows.append({"stream_bandwidth_gb_s": round(bandwidth, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+        for dataset, protocol, names in (*STUDY_MODELS, *((v, c, n) for c, v, n in CONFIG_MODELS)):
+            for variant in names:
+                if wanted is None or f"{protocol}/{dataset}/{variant}" in wanted:
+                    rows.append(
+                        roofline_row(dataset, protocol, variant, args.iters, reference["gflop_per_s"], bandwidth)
+                    )
+                    print(json.dumps(rows[-1]), flush=True)
+        _write(args.out, rows)
+        return
     for dataset, protocol, names in (*STUDY_MODELS, *((v, c, n) for c, v, n in CONFIG_MODELS)):
         for variant in names:
             if wanted is not None and f"{protocol}/{dataset}/{variant}" not in wanted:
