@@ -64,3 +64,23 @@ def test_long_cpu_loops_and_the_hgru_follow_their_plans():
     h_run = lambda b: hgru.run(h_params, drive, num_steps=4, config=hgru_config, backend=b).final  # noqa: E731
     assert not _has_scan(lambda: h_run("cpu")) and _has_scan(lambda: h_run("gpu"))
     chex.assert_trees_all_close(h_run("gpu"), h_run("cpu"), rtol=1e-5, atol=1e-6)
+
+
+def test_a_loop_kernel_and_grad_mode_clash_fails_when_the_layer_is_built():
+    """``loop_kernel="pallas"`` computes BPTT only: the Linen and NNX layers refuse another grad mode
+    (and the unshared control) at construction, before anything is traced."""
+    from flax import nnx
+
+    from lateral_jax.core import layers, nnx_models
+
+    pallas = LateralConfig.stable(num_groups=2, loop_kernel="pallas")
+    remat = LoopOptions(grad_mode="remat")
+    with pytest.raises(ValueError, match="loop_kernel='pallas' computes the full BPTT gradient"):
+        layers.LateralConv(features=4, config=pallas, loop=remat)
+    with pytest.raises(ValueError, match="unshared control runs its loops in XLA"):
+        layers.LateralConv(features=4, config=pallas, unshared=True)
+    with pytest.raises(ValueError, match="loop_kernel='pallas' computes the full BPTT gradient"):
+        layers.LateralRecurrence(config=pallas, loop=remat)
+    with pytest.raises(ValueError, match="loop_kernel='pallas' computes the full BPTT gradient"):
+        nnx_models.LateralConv(3, 4, config=pallas, loop=remat, rngs=nnx.Rngs(0))
+    layers.LateralConv(features=4, config=pallas)  # full BPTT: fine

@@ -295,11 +295,7 @@ def recur_fused(
 ) -> Unrolled:
     """:func:`lateral_jax.core.recurrence.recur` with ``loop_kernel="pallas"`` (full BPTT gradient);
     ``interpret`` as :func:`loop_states`."""
-    if grad_mode != "full":
-        raise ValueError(
-            f"loop_kernel='pallas' computes the full BPTT gradient (grad_mode='full'); got grad_mode={grad_mode!r}. "
-            "Use loop_kernel='xla' for 'remat', 'truncated' and 'implicit'."
-        )
+    plan.check_pallas(grad_mode)
     a0 = initial_state(params, drive, config)
     if num_steps == 0:
         return Unrolled(a0, a0[None] if return_states else None, relative_change(a0, a0))

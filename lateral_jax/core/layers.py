@@ -100,6 +100,10 @@ class LateralConv(nn.Module):
     contractor_weight: float = 0.0
     contractor_threshold: float = 0.9
 
+    def __post_init__(self) -> None:
+        plan.check(self.config, self.loop, unshared=self.unshared)  # a clash fails here, not when traced
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x: jax.Array, *, return_states: bool = False) -> Unrolled:
         num_steps = recurrence.check_num_steps(self.num_steps)
@@ -149,6 +153,10 @@ class LateralRecurrence(nn.Module):
     loop: LoopOptions = LoopOptions()
     ei_mode: ei.EIMode = "none"
     excitatory_fraction: float = 0.8
+
+    def __post_init__(self) -> None:
+        plan.check(self.config, self.loop)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, drive: jax.Array, *, return_states: bool = False) -> Unrolled:

@@ -105,6 +105,7 @@ class LateralConv(_LateralParams):
     ):
         self.num_steps = recurrence.check_num_steps(num_steps)
         config.check_channels(features)
+        plan.check(config, loop, unshared=unshared)
         self.in_features, self.loop, self.unshared, self.dtype = in_features, loop, unshared, dtype
         self.w_ff = nnx.Param(init_afferent_kernel(rngs.params(), config, in_features, features))
         self.b_ff = nnx.Param(jnp.zeros((features,), jnp.float32))
@@ -170,6 +171,7 @@ class LateralRecurrence(_LateralParams):
         rngs: nnx.Rngs,
     ):
         self.num_steps, self.loop = recurrence.check_num_steps(num_steps), loop
+        plan.check(config, loop)
         super().__init__(
             channels,
             config,

@@ -81,6 +81,27 @@ def default_scan_unroll(num_steps: int, *, backend: str | None = None, xla_conv_
     return 1
 
 
+def check_pallas(grad_mode: str, *, unshared: bool = False) -> None:
+    """Raises ``ValueError`` unless the fused Pallas kernel can run this: full BPTT, a weight-shared layer."""
+    if unshared:
+        raise ValueError(
+            "the unshared control runs its loops in XLA (one kernel per loop); got loop_kernel='pallas'. "
+            "Use loop_kernel='xla' for it."
+        )
+    if grad_mode != "full":
+        raise ValueError(
+            f"loop_kernel='pallas' computes the full BPTT gradient (grad_mode='full'); got grad_mode={grad_mode!r}. "
+            "Use loop_kernel='xla' for 'remat', 'truncated' and 'implicit'."
+        )
+
+
+def check(config: LateralConfig, loop: LoopOptions, *, unshared: bool = False) -> None:
+    """Raises ``ValueError`` for a layer config and loop options that cannot run together; the Flax
+    layers call it when they are built, so the clash surfaces at construction, not at trace time."""
+    if config.loop_kernel == "pallas":
+        check_pallas(loop.grad_mode, unshared=unshared)
+
+
 def resolve(config: LateralConfig = LateralConfig(), backend: str | None = None) -> RunPlan:
     """The :class:`RunPlan` of ``config`` on ``backend`` (default: :func:`current_backend`)."""
     backend = current_backend() if backend is None else backend
@@ -93,6 +114,8 @@ __all__ = [
     "CPU_MAX_UNROLLED_STEPS",
     "MAX_UNROLLED_STEPS",
     "RunPlan",
+    "check",
+    "check_pallas",
     "current_backend",
     "default_scan_unroll",
     "resolve",

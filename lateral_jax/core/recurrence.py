@@ -187,10 +187,7 @@ def unroll_unshared(
     ``scan_unroll`` applies (gradients are full BPTT).
     """
     if config.loop_kernel != "xla":
-        raise ValueError(
-            f"the unshared control runs its loops in XLA (one kernel per loop); got loop_kernel="
-            f"{config.loop_kernel!r}. Use loop_kernel='xla' for it."
-        )
+        plan.check_pallas("full", unshared=True)
     loop = loop_options(loop, **loop_overrides)
     run_plan = plan.resolve(config, backend)
     config = run_plan.config
