@@ -277,7 +277,7 @@ def run(
 
     run_plan = plan.resolve(backend=backend)
     unroll = run_plan.scan_unroll(num_steps, loop)
-    outer = True if loop.scan_unroll == "auto" and run_plan.backend == "cpu" else 1
+    outer = run_plan.remat_outer_unroll(loop) if loop.scan_unroll == "auto" else 1  # explicit: outer rolled
     run_on = functools.partial(
         loops.run_loops,
         step_fn,

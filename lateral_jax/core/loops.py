@@ -226,12 +226,8 @@ def run(
         config = dataclasses.replace(config, conv_algorithm="winograd")
         winograd_loop = True
     slow_rolled_conv = on_cpu and not winograd_loop
-    scan_unroll = remat_outer_unroll = loop.scan_unroll
-    if scan_unroll == "auto":
-        scan_unroll = plan.scan_unroll(num_steps, loop, xla_conv_in_loop=not winograd_loop)
-        # remat's outer loop over segments stays rolled: unrolled, XLA:CPU schedules the
-        # recomputation next to the forward pass and keeps every state alive.
-        remat_outer_unroll = True if slow_rolled_conv else 1
+    scan_unroll = plan.scan_unroll(num_steps, loop, xla_conv_in_loop=not winograd_loop)
+    remat_outer_unroll = plan.remat_outer_unroll(loop, xla_conv_in_loop=not winograd_loop)
     remat = loop.grad_mode == "remat"
 
     def loops_on(d: jax.Array, a0: jax.Array, length: int) -> LoopResult:

@@ -67,6 +67,15 @@ class RunPlan:
             return loop.scan_unroll
         return default_scan_unroll(num_steps, backend=self.backend, xla_conv_in_loop=xla_conv_in_loop)
 
+    def remat_outer_unroll(self, loop: LoopOptions, *, xla_conv_in_loop: bool = True) -> int | bool:
+        """The unroll of ``"remat"``'s outer loop over segments: with ``scan_unroll="auto"`` rolled
+        (1), except on CPU around XLA convolutions (jax#12868), where it is unrolled (``True``);
+        rolled with an explicit ``scan_unroll`` it is that value.  Rolled, XLA:CPU would otherwise
+        schedule the recomputation next to the forward pass and keep every state alive."""
+        if loop.scan_unroll != "auto":
+            return loop.scan_unroll
+        return True if self.backend == "cpu" and xla_conv_in_loop else 1
+
 
 def default_scan_unroll(num_steps: int, *, backend: str | None = None, xla_conv_in_loop: bool = True) -> int | bool:
     """The unroll factor ``scan_unroll="auto"`` picks on ``backend`` (default :func:`current_backend`):
