@@ -29,6 +29,7 @@ from experiments import preemption
 if __name__ == "__main__":  # SIGTERM exits 75 from the first moment (training replaces it: save, then 75)
     preemption.exit_75_on_sigterm()
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -50,11 +51,21 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "contour.py")
 PROBED_KINDS = tuple(k for k, family in MODEL_KIND_FAMILIES.items() if family == "lateral_cnn")
 
 
-def define_flags(fv: flags.FlagValues, argv: list[str] | None = None) -> None:
-    """Defines the command line's flags on ``fv`` (``argv``: the arguments the config overrides come from)."""
-    config_flags.DEFINE_config_file(
-        "config", DEFAULT_CONFIG, "Comparison config file (path[:variant]).", flag_values=fv, sys_argv=argv
+def define_flags(
+    fv: flags.FlagValues, config: ml_collections.ConfigDict | None = None, argv: list[str] | None = None
+) -> None:
+    """Defines the command line's flags on ``fv``; ``--config.<field>=<value>`` overrides apply to
+    ``config`` (the loaded config file, or a variant of it), in ml_collections' own way
+    (``argv``: the arguments the overrides come from, default ``sys.argv``)."""
+    config_flags.DEFINE_config_dict(
+        "config",
+        config if config is not None else ml_collections.ConfigDict(),
+        "Comparison config file (path[:variant]; default: the contour main job); --config.<field>=<value> "
+        "overrides its fields.",
+        flag_values=fv,
+        sys_argv=argv,
     )
+    fv["config"].default_as_str = repr(os.path.relpath(DEFAULT_CONFIG))  # --help shows the file, not its fields
     flags.DEFINE_string("workdir", "runs/main", "Output folder; rerunning resumes.", flag_values=fv)
     flags.DEFINE_list("only", [], "Train only these variants (default: the config's `models`).", flag_values=fv)
     flags.DEFINE_enum(
@@ -103,30 +114,39 @@ class Plan:
 # ---------------------------------------------------------------------------------------------
 
 
-def _config_spec(argv: list[str]) -> tuple[str, str]:
-    """``(path, variant)`` of the ``--config=path[:variant]`` in ``argv`` (or the default)."""
-    spec = DEFAULT_CONFIG
+def _config_spec(argv: list[str]) -> tuple[str, str, list[str]]:
+    """``(path, variant, rest)``: the ``--config=path[:variant]`` of ``argv`` (or the default) and
+    ``argv`` without it (its ``--config.<field>`` overrides stay)."""
+    spec, rest, skip = DEFAULT_CONFIG, [], False
     for i, arg in enumerate(argv):  # --config=path[:variant] or --config path[:variant]
-        if arg.startswith("--config="):
+        if skip:
+            skip = False
+        elif arg.startswith("--config="):
             spec = arg.split("=", 1)[1]
         elif arg == "--config" and i + 1 < len(argv):
-            spec = argv[i + 1]
+            spec, skip = argv[i + 1], True
+        else:
+            rest.append(arg)
     path, _, variant = spec.partition(":")
-    return path, variant
+    return path, variant, rest
 
 
-def _config_without_overrides(argv: list[str]) -> ml_collections.ConfigDict:
-    """The config file named by ``--config`` (or the default), without command-line overrides."""
-    path, variant = _config_spec(argv)
-    module_spec = importlib.util.spec_from_file_location("_lateral_jax_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
+def load_config_file(path: str, variant: str) -> ml_collections.ConfigDict:
+    """The config file's ``get_config([variant])`` — the one load of the file; its errors are a
+    :class:`UsageError` carrying the error's message."""
+    if not Path(path).is_file():
+        raise UsageError(f"--config={path!r}: no such config file; pass one of experiments/configs/*.py[:variant].")
+    try:
+        module_spec = importlib.util.spec_from_file_location("_lateral_jax_config", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.get_config(variant) if variant else module.get_config()
+    except Exception as e:  # noqa: BLE001 - any error of the user's config file is reported, not raised
+        raise UsageError(f"--config={path}{':' + variant if variant else ''}: {type(e).__name__}: {e}") from None
 
 
-def _unknown_override(argv: list[str]) -> str | None:
-    """The message for the first ``--config.<path>=`` whose path the config does not have."""
-    config = _config_without_overrides(argv)
+def _unknown_override(config: ml_collections.ConfigDict, argv: list[str]) -> str | None:
+    """The message for the first ``--config.<path>=`` whose path ``config`` does not have."""
     for arg in argv:
         match = re.match(r"--config\.([\w.]+)", arg)
         if match is None:
@@ -142,23 +162,32 @@ def _unknown_override(argv: list[str]) -> str | None:
     return None
 
 
-def parse_flags(fv: flags.FlagValues, argv: list[str]) -> list[str]:
-    """Defines the flags on ``fv`` and parses ``argv`` into it; a bad flag is a :class:`UsageError`
-    (no traceback)."""
-    path, _ = _config_spec(argv)
-    if not Path(path).is_file():
-        raise UsageError(f"--config={path!r}: no such config file; pass one of experiments/configs/*.py[:variant].")
+def _parse_onto(fv: flags.FlagValues, config: ml_collections.ConfigDict, argv: list[str]) -> list[str]:
+    """Defines the flags on ``fv`` with ``config`` under ``--config`` and parses ``argv`` (without
+    the config file's spec) into it; a bad flag or override is a :class:`UsageError`."""
     try:
-        define_flags(fv, argv)  # with no --config=..., the config's overrides are applied here
+        define_flags(fv, config, argv)
         rest = fv(argv)
         _check_tuple_overrides(fv.config, argv)
         return rest
     except (AttributeError, KeyError, TypeError, IndexError) as e:  # an override of a field the config lacks
-        raise UsageError(_unknown_override(argv) or f"bad config override: {e}") from None
+        raise UsageError(_unknown_override(config, argv) or f"bad config override: {e}") from None
     except flags.Error as e:
         lines = [line for line in str(e).splitlines() if line.strip()]
-        message = lines[-1] if "Traceback" in str(e) else lines[0]  # a config file's error: its last line
-        raise UsageError(re.sub(r"^\w+(Error|Exception): ", "", message)) from None
+        raise UsageError(re.sub(r"^\w+(Error|Exception): ", "", lines[0])) from None
+
+
+def parse_flags(fv: flags.FlagValues, argv: list[str]) -> list[str]:
+    """Loads the config file once, defines the flags on ``fv`` and parses ``argv`` into it (the
+    overrides applied to a copy of the file's config); a bad flag is a :class:`UsageError` (no
+    traceback).  The file's own config and the command line stay on the flag
+    (``fv["config"].file_config``, ``.command_line``) for :func:`plan`, which applies each variant
+    to the file's config before the command line's overrides."""
+    path, variant, rest = _config_spec(argv)
+    file_config = load_config_file(path, variant)
+    remaining = _parse_onto(fv, copy.deepcopy(file_config), rest)
+    fv["config"].file_config, fv["config"].command_line = file_config, rest
+    return remaining
 
 
 def _check_tuple_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None:
@@ -178,10 +207,23 @@ def _check_tuple_overrides(config: ml_collections.ConfigDict, argv: list[str]) -
             )
 
 
+def _variant_config(fv: flags.FlagValues, variant: str) -> ml_collections.ConfigDict:
+    """The config file's config with ``variant`` applied, then the command line's overrides: the
+    precedence file < variant < command line is ml_collections' own (no replay)."""
+    variant_config = base.with_variant(fv["config"].file_config, variant)
+    _parse_onto(flags.FlagValues(), variant_config, fv["config"].command_line)
+    return variant_config
+
+
 def plan(fv: flags.FlagValues) -> Plan:
     """The runs a parsed command line asks for; every variant is resolved and validated."""
     config = fv.config
     set_on_command_line = frozenset(config_flags.get_override_values(fv["config"]))
+    if "model.kind" in set_on_command_line:
+        raise UsageError(
+            f"--config.model.kind={config.model.kind!r} clashes with the variant names, which set the model kind; "
+            f"choose models with --only (e.g. --only {config.model.kind}), not --config.model.kind."
+        )
     variants = fv.only or list(config.models)
     seeds = tuple(config.get("seeds", None) or (config.seed,))
     if len(set(seeds)) != len(seeds) or not all(isinstance(s, int) for s in seeds):
@@ -194,8 +236,7 @@ def plan(fv: flags.FlagValues) -> Plan:
     configs, runs = {}, {}
     try:
         for v in variants:
-            resolved = base.to_run_config(config, v, set_on_command_line=set_on_command_line)
-            run.validate(resolved)
+            resolved = base.from_config_dict(_variant_config(fv, v))
             runs[v] = [v if len(seeds) == 1 else f"{v}_seed{s}" for s in seeds]
             for name, seed in zip(runs[v], seeds, strict=True):
                 configs[name] = dataclasses.replace(resolved, seed=seed)

@@ -63,6 +63,55 @@ def test_ml_collections_config_and_variant_become_the_run_config():
     assert run_config.device_data and run_config.data.seed == 0 and tuple(c.seeds) == (0, 1, 2)
 
 
+def test_variants_apply_before_the_command_line_and_the_config_file_is_loaded_once(tmp_path):
+    """One config path: file < variant < command line, by ml_collections' own override parsing."""
+    from experiments import main as main_module
+
+    loads = tmp_path / "loads"
+    config_file = tmp_path / "counting.py"
+    config_file.write_text(
+        "from pathlib import Path\n"
+        "from experiments.configs import contour\n"
+        "def get_config(variant=''):\n"
+        f"    with open({str(loads)!r}, 'a') as f:\n"
+        "        f.write('x')\n"
+        "    return contour.get_config(variant)\n"
+    )
+    plan = main_module.parse(
+        [
+            "main",
+            f"--config={config_file}:smoke",
+            "--only=lccnn_T4,lceicnn,lccnn_k7",
+            "--config.model.num_steps=6",
+            "--config.model.ei_weight=0.5",
+        ]
+    )
+    assert loads.read_text() == "x"
+    lccnn, lceicnn, k7 = (plan.run_configs[v].model for v in ("lccnn_T4", "lceicnn", "lccnn_k7"))
+    assert lccnn.num_steps == 6 and lccnn.kind == "lccnn"  # the command line beats the variant's T = 4
+    assert lceicnn.ei_weight == 0.5 and lceicnn.ei_mode == "mixed_sign"  # the variant's, where the line is silent
+    assert k7.lateral.lateral_size == 7 and k7.lateral.num_groups == 4  # a nested variant field merges
+    file_config = contour.get_config("smoke")
+    file_config.model.ei_weight = 0.5
+    expected = base.to_run_config(file_config, "lccnn_T4")
+    assert plan.run_configs["lccnn_T4"] == dataclasses.replace(
+        expected, model=dataclasses.replace(expected.model, num_steps=6)
+    )
+
+
+def test_run_config_from_config_dict_types_and_validates_at_the_boundary():
+    c = contour.get_config("smoke")
+    del c["models"], c["seeds"]  # the comparison's fields, not the run's
+    run_config = config.RunConfig.from_config_dict(c)
+    assert run_config == config.from_dict(c.to_dict()) and run_config.model.widths == (8, 8)
+    with pytest.raises(ValueError, match=r"num_steps=-1 must be a whole number >= 0"):
+        config.RunConfig.from_config_dict({"model": {"num_steps": -1}})
+    with pytest.raises(ValueError, match=r"num_epochs=nan must be a finite number > 0"):
+        config.RunConfig.from_config_dict({"num_epochs": float("nan")})
+    with pytest.raises(ValueError, match=r"contractor_weight=1.0 \(C-RBP\) acts at a fixed point"):
+        config.RunConfig.from_config_dict({"model": {"contractor_weight": 1.0}})
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -9,6 +9,7 @@ placeholders, so ``--config.model.loop.truncate_steps=2`` works on the command l
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from typing import Any
@@ -18,7 +19,7 @@ from ml_collections import config_dict
 
 from experiments.configs import variants
 from lateral_jax.core.config import LateralConfig
-from lateral_jax.training.config import DataConfig, ModelConfig, RunConfig, from_dict
+from lateral_jax.training.config import DataConfig, ModelConfig, RunConfig
 from lateral_jax.training.train import OptimizerConfig
 
 
@@ -63,33 +64,31 @@ def get_base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def to_run_config(
-    config: ml_collections.ConfigDict, variant: str, *, set_on_command_line: frozenset[str] = frozenset()
-) -> RunConfig:
-    """The typed ``RunConfig`` of one variant of a comparison config.
+def with_variant(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+    """A copy of a comparison config with variant ``variant``'s model fields set on it
+    (:func:`experiments.configs.variants.overrides`; nested ``lateral``/``loop`` fields merge into
+    the config's).  Command-line overrides are applied to this copy afterwards, so they win."""
+    out = copy.deepcopy(config)
+    fields = variants.overrides(variant)
+    with out.ignore_type():  # a variant's values are the ModelConfig's types already (checked at from_config_dict)
+        for group in ("lateral", "loop"):
+            out.model[group].update(fields.pop(group, {}))
+        out.model.update(fields)
+    return out
 
-    The variant's model fields (:func:`experiments.configs.variants.overrides`) override the
-    config file's, except those in ``set_on_command_line`` (dotted names such as
-    ``"model.ei_mode"``): what the command line sets wins.  The model kind is the variant's own;
-    setting ``model.kind`` on the command line is an error that names the way to choose a model.
-    """
-    user_model_fields = {name.split(".", 1)[1] for name in set_on_command_line if name.startswith("model.")}
-    if "kind" in user_model_fields:
-        raise ValueError(
-            f"--config.model.kind={config.model.kind!r} clashes with the variant names, which set the model kind; "
-            f"choose models with --only (e.g. --only {config.model.kind}), not --config.model.kind."
-        )
+
+def to_run_config(config: ml_collections.ConfigDict, variant: str) -> RunConfig:
+    """The typed, validated ``RunConfig`` of one variant of a comparison config (no command line)."""
+    return from_config_dict(with_variant(config, variant))
+
+
+def from_config_dict(config: ml_collections.ConfigDict) -> RunConfig:
+    """The ``RunConfig`` of a comparison config (its ``models``/``seeds`` left out), validated:
+    :meth:`lateral_jax.training.config.RunConfig.from_config_dict`."""
     raw = config.to_dict()
     raw.pop("models", None)
     raw.pop("seeds", None)
-    fields = {k: v for k, v in variants.overrides(variant).items() if k not in user_model_fields}
-    nested = {}
-    for group in ("lateral", "loop"):  # a variant's nested fields merge into the config file's
-        user = {n.split(".", 2)[2] for n in set_on_command_line if n.startswith(f"model.{group}.")}
-        mine = {k: v for k, v in fields.pop(group, {}).items() if k not in user}
-        nested[group] = {**raw["model"][group], **mine}
-    raw["model"] = {**raw["model"], **fields, **nested}
-    return from_dict(raw)
+    return RunConfig.from_config_dict(raw)
 
 
 def make_smoke(c: ml_collections.ConfigDict, *, batch_size: int = 32, **data) -> ml_collections.ConfigDict:

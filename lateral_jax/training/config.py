@@ -2,9 +2,10 @@
 
 :class:`RunConfig` nests :class:`DataConfig`, :class:`ModelConfig` (which holds the layer's
 :class:`~lateral_jax.core.config.LateralConfig` and :class:`~lateral_jax.core.config.LoopOptions`)
-and :class:`~lateral_jax.training.train.OptimizerConfig`.  :func:`from_dict` builds one from a
-nested dict — an ``ml_collections`` config's ``to_dict()`` or a run folder's ``config.json`` —
-and :func:`to_dict` is its inverse.
+and :class:`~lateral_jax.training.train.OptimizerConfig`.  :meth:`RunConfig.from_config_dict` is
+the one way in: it types a nested mapping (an ``ml_collections`` config, a run folder's
+``config.json``) with :func:`from_dict` and checks it with :func:`validate`; :func:`to_dict` is
+its inverse.
 """
 
 from __future__ import annotations
@@ -170,6 +171,16 @@ class RunConfig:
     spectral_images: int = 8
     divergence: DivergenceConfig = DivergenceConfig()
     label_smoothing: float = 0.0
+
+    @classmethod
+    def from_config_dict(cls, config: Any) -> RunConfig:
+        """The one way in from outside: a nested mapping (an ``ml_collections.ConfigDict``, its
+        ``to_dict()``, a run folder's ``config.json``) typed by :func:`from_dict` and checked by
+        :func:`validate`; a bad field raises ``ValueError`` naming it, the value and the fix."""
+        raw = config.to_dict() if hasattr(config, "to_dict") else config
+        run_config = from_dict(raw, cls)
+        validate(run_config)
+        return run_config
 
 
 def validate(config: RunConfig) -> None:
