@@ -23,6 +23,11 @@ Choices that are ours (the paper and its reference code leave them open or offer
 * the update keeps ``1 − g₂`` of the old state (the paper's form; some ports swap the roles);
 * gate biases by "chronos" initialisation ``b₁ = log U(1, T − 1)``, ``b₂ = −b₁`` with
   ``T = chronos_steps``; ``α = 0.1, μ = 1, κ = 0.5, ω = 0.5, γ = 1`` at init;
+* the horizontal norms ``N₂, N₄`` start with scale 0.1 (``horizontal_norm_scale``; the gate norms
+  with 1), so each loop first nudges the drive rather than replacing it — the reference code's
+  batch-norm scale γ = 0.1.  At unit scale the normalised horizontal terms are as large as the
+  drive from the first loop on, and T = 8 loops of them erased the drive's signal in our
+  diagnostics (``results/pathfinder_published/hgru_contour_diagnostic.jsonl``);
 * the state starts at ``f(x)`` (``initial_state="drive"``) or at zero (``"zeros"``).
 
 Every function is pure over the :class:`HGRUParams` pytree; the loops run on the library's own
@@ -77,6 +82,8 @@ class HGRUConfig:
       initial_state: ``"drive"`` (``h(0) = f(x)``) or ``"zeros"``.
       chronos_steps: T of the chronos initialisation of the gate biases (≥ 2).
       kernel_init_scale: std of the horizontal kernels at init relative to He scaling.
+      horizontal_norm_scale: initial scale of the horizontal terms' norms ``N₂, N₄``: the
+        normalised inhibition and excitation start at this fraction of a unit-variance drive.
     """
 
     kernel_size: int = 7
@@ -88,6 +95,7 @@ class HGRUConfig:
     initial_state: InitialState = "drive"
     chronos_steps: int = 8
     kernel_init_scale: float = 0.5
+    horizontal_norm_scale: float = 0.1
 
     def __post_init__(self) -> None:
         check_odd_size("kernel_size", self.kernel_size)
@@ -99,6 +107,8 @@ class HGRUConfig:
             raise ValueError(f"chronos_steps={self.chronos_steps!r} must be an int >= 2 (gate biases log U(1, T-1)).")
         if not self.kernel_init_scale >= 0:
             raise ValueError(f"kernel_init_scale={self.kernel_init_scale!r} must be >= 0.")
+        if not 0 <= self.horizontal_norm_scale < math.inf:
+            raise ValueError(f"horizontal_norm_scale={self.horizontal_norm_scale!r} must be a finite number >= 0.")
 
     def check_channels(self, channels: int) -> None:
         """Raises a ``ValueError`` when a group norm's ``num_groups`` does not divide ``channels``."""
@@ -159,8 +169,19 @@ def init_params(key: jax.Array, channels: int, config: HGRUConfig = HGRUConfig()
         kappa=const(0.5),
         omega=const(0.5),
         gamma=const(1.0),
-        norms=None if config.gate_norm == "none" else tuple(init_norm(channels) for _ in NORM_SITES),
+        norms=None if config.gate_norm == "none" else _initial_norms(channels, config),
     )
+
+
+def _initial_norms(channels: int, config: HGRUConfig) -> tuple[NormParams, ...]:
+    """Unit-scale gate norms ``N₁, N₃``; horizontal norms ``N₂, N₄`` at ``horizontal_norm_scale``."""
+    norms = []
+    for site in NORM_SITES:
+        norm = init_norm(channels)
+        if site in ("inhibition", "excitation"):
+            norm = norm._replace(scale=jnp.full((channels,), config.horizontal_norm_scale, jnp.float32))
+        norms.append(norm)
+    return tuple(norms)
 
 
 def _symmetrise(w: jax.Array) -> jax.Array:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from lateral_jax.core import ei, hgru
 from lateral_jax.core.config import LoopOptions
 from lateral_jax.core.layer import Unrolled
-from lateral_jax.core.layers import _norm_params, add_contractor_penalty
+from lateral_jax.core.layers import add_contractor_penalty
 from lateral_jax.core.models import ModelOutput, Record, _wants
 from lateral_jax.core.params import NormParams
 
@@ -70,6 +70,11 @@ class HGRULayer(nn.Module):
 
             return init
 
+        def initial_norm(key, site):
+            if "all" not in drawn:
+                drawn["all"] = hgru.init_params(key, channels, self.config)
+            return drawn["all"].norms[site]
+
         values = {}
         for name in PARAM_NAMES:
             if name == "w_excite" and self.config.shared_kernel:
@@ -78,7 +83,11 @@ class HGRULayer(nn.Module):
         norms = None
         if self.config.gate_norm != "none":
             norms = tuple(
-                _norm_params(self, f"norm_{site}", self.config.gate_norm, channels) for site in hgru.NORM_SITES
+                NormParams(
+                    self.param(f"norm_{site}_scale", lambda key, i=i: initial_norm(key, i).scale),
+                    self.param(f"norm_{site}_bias", lambda key, i=i: initial_norm(key, i).bias),
+                )
+                for i, site in enumerate(hgru.NORM_SITES)
             )
         params = hgru.HGRUParams(**{n: values.get(n) for n in PARAM_NAMES}, norms=norms)
         out = hgru.run(

@@ -44,7 +44,8 @@ def global_relative_change(new: jax.Array, old: jax.Array, batch_axes: tuple[str
     axes = tuple(sorted(set(varying_axes(new)) | set(batch_axes)))
     if not axes:
         return relative_change(new, old)
-    new32, old32 = new.astype(jnp.float32), old.astype(jnp.float32)
+    dtype = jnp.promote_types(new.dtype, jnp.float32)
+    new32, old32 = new.astype(dtype), old.astype(dtype)
     diff = jax.lax.psum(jnp.sum(jnp.square(new32 - old32)), axes)
     norm = jax.lax.psum(jnp.sum(jnp.square(new32)), axes)
     return jnp.sqrt(diff) / jnp.maximum(jnp.sqrt(norm), 1e-12)
@@ -68,7 +69,8 @@ def iterate(
         new = fn(x)
         return i + 1, new, global_relative_change(new, x, batch_axes)
 
-    _, x, change = jax.lax.while_loop(cond, body, (jnp.array(0), x0, jnp.array(jnp.inf, jnp.float32)))
+    start = jnp.array(jnp.inf, jnp.promote_types(x0.dtype, jnp.float32))
+    _, x, change = jax.lax.while_loop(cond, body, (jnp.array(0), x0, start))
     return x, change
 
 

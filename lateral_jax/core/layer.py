@@ -193,6 +193,8 @@ def lateral_step(
 
 
 def relative_change(new: jax.Array, old: jax.Array) -> jax.Array:
-    """``‖new - old‖ / max(‖new‖, 1e-12)`` in float32 (a scalar)."""
-    new32, old32 = new.astype(jnp.float32), old.astype(jnp.float32)
+    """``‖new - old‖ / max(‖new‖, 1e-12)`` (a scalar) in float32, or float64 for float64 states (so
+    an implicit solve under ``jax.enable_x64`` can stop below float32's resolution)."""
+    dtype = jnp.promote_types(new.dtype, jnp.float32)
+    new32, old32 = new.astype(dtype), old.astype(dtype)
     return jnp.linalg.norm((new32 - old32).ravel()) / jnp.maximum(jnp.linalg.norm(new32.ravel()), 1e-12)

@@ -23,7 +23,7 @@ from lateral_jax.core.config import LoopOptions
 from lateral_jax.core.dynamics import map_spectral_radius
 from lateral_jax.core.layer import Unrolled
 from lateral_jax.core.models import ModelOutput, Record, _wants
-from lateral_jax.core.nnx_models import _declare_norm, _read_norm
+from lateral_jax.core.nnx_models import _read_norm
 
 
 class HGRULayer(nnx.Module):
@@ -43,8 +43,9 @@ class HGRULayer(nnx.Module):
         for name in hgru_models.PARAM_NAMES:
             if getattr(init, name) is not None:
                 setattr(self, name, nnx.Param(getattr(init, name)))
-        for site in hgru.NORM_SITES:
-            _declare_norm(self, f"norm_{site}", config.gate_norm, channels)
+        for site, norm in zip(hgru.NORM_SITES, init.norms or (), strict=False):
+            setattr(self, f"norm_{site}_scale", nnx.Param(norm.scale))
+            setattr(self, f"norm_{site}_bias", nnx.Param(norm.bias))
 
     def layer_params(self) -> hgru.HGRUParams:
         """The pure :class:`~lateral_jax.core.hgru.HGRUParams` of this layer."""
