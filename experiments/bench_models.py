@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench, study
-from lateral_jax.core import hgru_models, layer, models
+from lateral_jax.core import cell, hgru_models, models
 from lateral_jax.training import device_epochs, programs, train
 
 # (dataset, protocol, variants): what the CIFAR-10 and embedded-task studies train.
@@ -225,17 +225,17 @@ def roofline_row(dataset: str, protocol_name: str, variant: str, iters: int, pea
 
 
 def ab_norm_row(dataset: str, protocol_name: str, variant: str, pairs: int, min_block_s: float) -> dict:
-    """``--ab-norm``: the model's step with :func:`layer.group_norm` against the same step with the
-    one-step reference :func:`layer.group_norm_direct`, in ``pairs`` alternating blocks of steps
+    """``--ab-norm``: the model's step with :func:`cell.group_norm` against the same step with the
+    one-step reference :func:`cell.group_norm_direct`, in ``pairs`` alternating blocks of steps
     (who goes first alternates), so a slow spell of the machine slows both."""
     s = setup(dataset, protocol_name, variant, 1)
     fast, _ = compile_step(s)
-    original = layer.group_norm
-    layer.group_norm = layer.group_norm_direct
+    original = cell.group_norm
+    cell.group_norm = cell.group_norm_direct
     try:
         direct, _ = compile_step(s)
     finally:
-        layer.group_norm = original
+        cell.group_norm = original
     if fast.as_text() == direct.as_text():
         raise RuntimeError("the two programs are identical: the reference norm was not traced")
     steps = {}
@@ -287,7 +287,7 @@ def main(argv=None) -> None:
         type=int,
         default=0,
         metavar="PAIRS",
-        help="instead: each model with layer.group_norm against layer.group_norm_direct, PAIRS alternating blocks",
+        help="instead: each model with cell.group_norm against cell.group_norm_direct, PAIRS alternating blocks",
     )
     p.add_argument(
         "--compile-cache",

@@ -13,10 +13,10 @@ each), and ``from lateral_jax import recurrence, ei, layers, models`` also works
 """
 
 from lateral_jax.core import ei, layers, models, recurrence
+from lateral_jax.core.cell import Unrolled
 from lateral_jax.core.config import LateralConfig, LoopOptions
 from lateral_jax.core.ei import diagnostics as ei_diagnostics
 from lateral_jax.core.ei import ei_penalty, mixed_sign_penalty, project_dale
-from lateral_jax.core.layer import Unrolled
 from lateral_jax.core.layers import LateralConv, LateralRecurrence
 from lateral_jax.core.models import FCNN, LCCNN, LCEICNN, LateralCNN, LateralResNet, ModelOutput, UnsharedCNN
 from lateral_jax.core.params import LateralParams, init_params

@@ -1,5 +1,5 @@
-"""The package's shape: one-way dependencies between its three parts, no import cycle, no import
-deferred into a function to dodge one, and modules small enough to read."""
+"""The package's shape: one-way dependencies between its parts (core, kernels, training, neuro), no
+import cycle, no import deferred into a function to dodge one, and modules small enough to read."""
 
 import ast
 from pathlib import Path
@@ -82,6 +82,25 @@ def test_only_the_plan_asks_jax_for_the_backend_inside_the_core():
     readers = sorted(
         name
         for name, path in MODULES.items()
-        if name.startswith("lateral_jax.core") and "default_backend" in path.read_text()
+        if name.startswith(("lateral_jax.core", "lateral_jax.kernels")) and "default_backend" in path.read_text()
     )
     assert readers == ["lateral_jax.core.plan"]
+
+
+CONVOLUTION_KERNELS = tuple(f"lateral_jax.kernels.{m}" for m in ("batching", "winograd", "convolution"))
+LOOP_KERNELS = ("lateral_jax.kernels.fused", "lateral_jax.kernels.fused_kernels")
+
+
+def test_kernels_sit_beneath_the_maths_and_the_fused_loop_is_called_by_recurrence_alone():
+    """The convolution kernels see only the core's types; the fused loop kernel implements the
+    cell and is reached only through ``core.recurrence``; no kernel imports training or neuro."""
+    g = graph()
+    for name in CONVOLUTION_KERNELS:
+        core = {d for d in g[name] if d.startswith("lateral_jax.core")}
+        assert core <= {"lateral_jax.core.config"}, (name, core)
+    for name, deps in g.items():
+        if name.startswith("lateral_jax.kernels"):
+            assert not {d for d in deps if d.startswith(("lateral_jax.training", "lateral_jax.neuro"))}, name
+        users = {d for d in deps if d.startswith(LOOP_KERNELS)}
+        if users and not name.startswith("lateral_jax.kernels"):
+            assert name == "lateral_jax.core.recurrence", (name, users)

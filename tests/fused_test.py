@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from experiments import fused_check
-from lateral_jax.core import fused, recurrence
+from lateral_jax.core import recurrence
 from lateral_jax.core.recurrence import LateralConfig, NormParams
+from lateral_jax.kernels import fused
 
 rel_err = fused_check.rel_err  # max |Δ| / max |reference|, in float32
 

@@ -179,7 +179,7 @@ def test_model_errors(key):
 def test_group_norm_equals_the_one_step_reference_up_to_summation_order(shape, groups, dtype):
     """The (H, W)-first GroupNorm (fast on XLA:CPU) against the one-step [B, H, W, G, C/G] form: values,
     and the gradients of every input, within float rounding; statistics per example and group."""
-    from lateral_jax.core import layer
+    from lateral_jax.core import cell
     from lateral_jax.core.params import NormParams
 
     rng = np.random.default_rng(0)
@@ -190,16 +190,16 @@ def test_group_norm_equals_the_one_step_reference_up_to_summation_order(shape, g
     def loss(fn):
         return lambda x, p: jnp.sum(fn(x, p, groups).astype(jnp.float32) * cot)
 
-    fast, direct = layer.group_norm(x, params, groups), layer.group_norm_direct(x, params, groups)
+    fast, direct = cell.group_norm(x, params, groups), cell.group_norm_direct(x, params, groups)
     assert fast.dtype == dtype
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(np.asarray(fast, np.float32), np.asarray(direct, np.float32), atol=tol, rtol=tol)
-    g_fast = jax.grad(loss(layer.group_norm), argnums=(0, 1))(x, params)
-    g_direct = jax.grad(loss(layer.group_norm_direct), argnums=(0, 1))(x, params)
+    g_fast = jax.grad(loss(cell.group_norm), argnums=(0, 1))(x, params)
+    g_direct = jax.grad(loss(cell.group_norm_direct), argnums=(0, 1))(x, params)
     for a, b in zip(jax.tree_util.tree_leaves(g_fast), jax.tree_util.tree_leaves(g_direct), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=10 * tol, rtol=10 * tol)
     # each group of each example is normalised: mean 0, variance 1 before the affine map
-    unit = layer.group_norm(x.astype(jnp.float32), NormParams(jnp.ones(shape[-1]), jnp.zeros(shape[-1])), groups)
+    unit = cell.group_norm(x.astype(jnp.float32), NormParams(jnp.ones(shape[-1]), jnp.zeros(shape[-1])), groups)
     grouped = np.asarray(unit).reshape(*shape[:3], groups, -1)
     np.testing.assert_allclose(grouped.mean(axis=(1, 2, 4)), 0.0, atol=1e-5)
     np.testing.assert_allclose(grouped.var(axis=(1, 2, 4)), 1.0, atol=1e-3)

@@ -159,8 +159,8 @@ def test_implicit_and_truncated_modes_under_pmap_equal_one_device(grad_mode):
 def test_pmap_implicit_solve_stops_at_the_same_step_on_every_device():
     """``global_relative_change`` with ``batch_axes`` under ``jax.pmap`` is the whole batch's
     relative change on every device (without it, each device's own)."""
+    from lateral_jax.core.cell import relative_change
     from lateral_jax.core.implicit import global_relative_change
-    from lateral_jax.core.layer import relative_change
 
     new = jax.random.normal(jax.random.key(0), (16, 4))
     old = new + jax.random.normal(jax.random.key(1), (16, 4)) * jax.numpy.arange(16.0)[:, None]

@@ -371,7 +371,7 @@ def test_remat_memory_does_not_grow_with_t():
 def test_remat_batch_chunks_on_a_batch_sharded_over_8_devices_equal_bptt(key, monkeypatch):
     """Chunked remat with Winograd convolutions cut into 2-4 batch chunks, on a batch split over 8
     devices: the same loss and gradient as unsharded BPTT (strided chunks keep the sharding)."""
-    from lateral_jax.core import winograd
+    from lateral_jax.kernels import winograd
 
     monkeypatch.setattr(winograd, "CHUNK_ELEMENTS", 1 << 13)  # 16 images of 8×8×8 → 4 Winograd chunks
     config = LateralConfig.stable(num_groups=2, conv_algorithm="winograd")

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lateral_jax.core import models, pooling, recurrence, winograd
+from lateral_jax.core import models, pooling, recurrence
 from lateral_jax.core.recurrence import LateralConfig, LoopOptions
+from lateral_jax.kernels import winograd
 
 
 def direct(x, w):

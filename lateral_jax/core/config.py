@@ -85,13 +85,13 @@ class LateralConfig:
       activation: the non-linearity f.
       lateral_init_scale: std of ``W_lat`` at init relative to He scaling; small so the model
         starts near the F-CNN (0 gives an all-zero lateral kernel).
-      conv_algorithm: how the 3×3 convolutions are computed (:mod:`lateral_jax.core.convolution`):
+      conv_algorithm: how the 3×3 convolutions are computed (:mod:`lateral_jax.kernels.convolution`):
         ``"xla"`` (``lax.conv_general_dilated``, the reference), ``"winograd"``
-        (:func:`lateral_jax.core.winograd.conv3x3`, fewer multiplications) or
+        (:func:`lateral_jax.kernels.winograd.conv3x3`, fewer multiplications) or
         ``"auto"`` (Winograd for large float32 full-mixing 3×3 convolutions on CPU, XLA elsewhere).
       loop_kernel: ``"xla"`` (the reference: the loops are a ``lax.scan`` of XLA ops) or
         ``"pallas"``: all T loops of ``grad_mode="full"`` in one fused Pallas kernel
-        (:mod:`lateral_jax.core.fused`) with a hand-written backward pass (forward and reverse mode;
+        (:mod:`lateral_jax.kernels.fused`) with a hand-written backward pass (forward and reverse mode;
         second-order derivatives need ``"xla"``).
     """
 

@@ -1,6 +1,6 @@
 """The loop as a dynamical system: Jacobian products, spectral radius, contraction diagnostics.
 
-One lateral loop is the map (:func:`lateral_jax.core.layer.lateral_step`)::
+One lateral loop is the map (:func:`lateral_jax.core.cell.lateral_step`)::
 
     S(a) = (1 - α) a + α F(a),     F(a) = f(N_l(d + L(a)))
 
@@ -33,10 +33,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from lateral_jax.core import hgru, plan
+from lateral_jax.core.cell import afferent_drive, fixed_point_map, lateral_step, relative_change
 from lateral_jax.core.config import LateralConfig
 from lateral_jax.core.hgru_models import HGRULayer
 from lateral_jax.core.hgru_models import layer_params as hgru_layer_params
-from lateral_jax.core.layer import afferent_drive, fixed_point_map, lateral_step, relative_change
 from lateral_jax.core.layers import LateralConv, LateralRecurrence, module_params
 from lateral_jax.core.params import LateralParams
 

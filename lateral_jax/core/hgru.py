@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from lateral_jax.core import implicit, loops, plan
+from lateral_jax.core.cell import Unrolled, activate, normalise, relative_change
 from lateral_jax.core.config import (
     ACTIVATIONS,
     NORMS,
@@ -58,9 +59,8 @@ from lateral_jax.core.config import (
     check_odd_size,
     check_positive_int,
 )
-from lateral_jax.core.convolution import conv
-from lateral_jax.core.layer import Unrolled, activate, normalise, relative_change
 from lateral_jax.core.params import NormParams, init_norm
+from lateral_jax.kernels.convolution import conv
 
 InitialState = Literal["drive", "zeros"]
 NORM_SITES = ("gain", "inhibition", "mix", "excitation")

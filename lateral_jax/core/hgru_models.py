@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from lateral_jax.core import ei, hgru
+from lateral_jax.core.cell import Unrolled
 from lateral_jax.core.config import LoopOptions
-from lateral_jax.core.layer import Unrolled
 from lateral_jax.core.layers import add_contractor_penalty
 from lateral_jax.core.models import ModelOutput, Record, _wants
 from lateral_jax.core.params import NormParams

@@ -22,8 +22,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from lateral_jax.core.cell import fixed_point_map, initial_state, relative_change
 from lateral_jax.core.config import LateralConfig
-from lateral_jax.core.layer import fixed_point_map, initial_state, relative_change
 from lateral_jax.core.params import LateralParams
 
 
@@ -36,7 +36,7 @@ def varying_axes(x: jax.Array) -> tuple[str, ...]:
 
 
 def global_relative_change(new: jax.Array, old: jax.Array, batch_axes: tuple[str, ...] = ()) -> jax.Array:
-    """:func:`~lateral_jax.core.layer.relative_change` of the whole batch: the squared norms are
+    """:func:`~lateral_jax.core.cell.relative_change` of the whole batch: the squared norms are
     summed (``psum``) over the axes the batch is split along — those ``new`` varies over inside
     ``jax.shard_map``, and ``batch_axes`` (``jax.pmap``'s ``axis_name``, which array types do not
     carry) — so every device gets the number one device gets for the whole batch, and the

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from lateral_jax.core import ei, implicit, plan, recurrence
+from lateral_jax.core.cell import Unrolled, fixed_point_map
 from lateral_jax.core.config import LateralConfig, LoopOptions
-from lateral_jax.core.layer import Unrolled, fixed_point_map
 from lateral_jax.core.params import LateralParams, NormParams, init_afferent_kernel
 
 

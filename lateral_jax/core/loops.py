@@ -1,6 +1,6 @@
 """Executing the T lateral loops: scan, √T rematerialisation, batch chunks, truncation.
 
-Every mode runs the same step (:func:`lateral_jax.core.layer.lateral_step`) and returns the same
+Every mode runs the same step (:func:`lateral_jax.core.cell.lateral_step`) and returns the same
 values; they differ in what the backward pass stores and recomputes:
 
 * ``"full"``: backpropagation through time, autodiff through the scan (T stored states).
@@ -29,12 +29,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from lateral_jax.core.batching import largest_divisor, merge_batch, split_batch
+from lateral_jax.core.cell import Unrolled, initial_state, lateral_step, relative_change
 from lateral_jax.core.config import LoopOptions
-from lateral_jax.core.convolution import use_winograd, winograd_eligible
-from lateral_jax.core.layer import Unrolled, initial_state, lateral_step, relative_change
 from lateral_jax.core.params import LateralParams
 from lateral_jax.core.plan import CPU_MAX_UNROLLED_STEPS, RunPlan
+from lateral_jax.kernels.batching import largest_divisor, merge_batch, split_batch
+from lateral_jax.kernels.convolution import use_winograd, winograd_eligible
 
 # (carry, x) -> (carry, y): one loop.
 StepFn = Callable[[jax.Array, jax.Array | None], tuple[jax.Array, jax.Array]]
@@ -169,7 +169,7 @@ def map_batch_chunks(
 ) -> LoopResult:
     """``fn`` applied to ``num_chunks`` equal slices of ``x``'s batch axis; outputs reassembled.
 
-    With more than one device the slices are strided (:func:`lateral_jax.core.batching.split_batch`),
+    With more than one device the slices are strided (:func:`lateral_jax.kernels.batching.split_batch`),
     so a batch sharded over devices stays sharded the same way inside every slice.  ``fn`` returns
     ``(final, states | None, before)``; ``states`` has its batch on axis 1.
     """

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from lateral_jax.core import ei, pooling
+from lateral_jax.core.cell import Unrolled
 from lateral_jax.core.config import LateralConfig, LoopOptions
-from lateral_jax.core.layer import Unrolled
 from lateral_jax.core.layers import LateralConv, LateralRecurrence
 
 

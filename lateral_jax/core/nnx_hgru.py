@@ -19,9 +19,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lateral_jax.core import ei, hgru, hgru_models, implicit
+from lateral_jax.core.cell import Unrolled
 from lateral_jax.core.config import LoopOptions
 from lateral_jax.core.dynamics import map_spectral_radius
-from lateral_jax.core.layer import Unrolled
 from lateral_jax.core.models import ModelOutput, Record, _wants
 from lateral_jax.core.nnx_models import _read_norm
 

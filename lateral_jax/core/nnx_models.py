@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from flax import linen, nnx
 
 from lateral_jax.core import dynamics, ei, plan, pooling, recurrence
+from lateral_jax.core.cell import Unrolled, check_input
 from lateral_jax.core.config import LateralConfig, LoopOptions
-from lateral_jax.core.layer import Unrolled, check_input
 from lateral_jax.core.models import ModelOutput, Record, _check_widths, _wants, weighted_ei_penalty
 from lateral_jax.core.params import LateralParams, NormParams, init_afferent_kernel
 

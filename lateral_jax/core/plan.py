@@ -1,6 +1,6 @@
 """Run policy, resolved once: the backend-dependent choices of a lateral layer, made before tracing.
 
-The maths (:mod:`~lateral_jax.core.layer`, :mod:`~lateral_jax.core.loops`, ...) never reads which
+The maths (:mod:`~lateral_jax.core.cell`, :mod:`~lateral_jax.core.loops`, ...) never reads which
 platform it runs on; the public entry points (``recurrence.unroll`` / ``recur`` /
 ``unroll_unshared``, ``hgru.run``, the Flax layers, ``dynamics``) call :func:`resolve` once with
 the backend (:func:`current_backend` unless one is given) and pass the concrete
@@ -12,7 +12,7 @@ The choices, per backend:
 * **Convolutions.** ``conv_algorithm="auto"`` takes the Winograd path for eligible 3×3
   convolutions on CPU (where it is 2× XLA's; docs/performance.md) and XLA's convolution elsewhere:
   the plan turns ``"auto"`` into ``"xla"`` off the CPU; on the CPU ``"auto"`` stays the
-  shape rule of :func:`lateral_jax.core.convolution.use_winograd`.
+  shape rule of :func:`lateral_jax.kernels.convolution.use_winograd`.
 * **Loops.** ``scan_unroll="auto"`` unrolls loops of up to 16 steps, and on CPU loops of up to
   32 that contain an XLA convolution (:func:`default_scan_unroll`).  On CPU a full unroll is a
   Python loop, because XLA:CPU differentiates an XLA convolution inside a ``while`` loop on a

@@ -16,9 +16,9 @@ This module is the layer's front door: :class:`LateralConfig` (what the layer co
 :class:`LoopOptions` (how its loops run and are differentiated), :class:`LateralParams` and
 :func:`init_params`, the one-loop :func:`step` (a ``lax.scan`` body), and :func:`unroll` /
 :func:`recur` / :func:`unroll_unshared`.  The pieces live in modules of their own:
-:mod:`~lateral_jax.core.layer` (the maths), :mod:`~lateral_jax.core.loops` (scan, remat,
+:mod:`~lateral_jax.core.cell` (the maths), :mod:`~lateral_jax.core.loops` (scan, remat,
 truncation), :mod:`~lateral_jax.core.implicit` (the fixed point),
-:mod:`~lateral_jax.core.convolution` (algorithm dispatch) and :mod:`~lateral_jax.core.fused`
+:mod:`~lateral_jax.kernels.convolution` (algorithm dispatch) and :mod:`~lateral_jax.kernels.fused`
 (the opt-in Pallas kernel).  Everything is a pure function over ``NamedTuple`` pytrees; no Flax.
 """
 
@@ -28,7 +28,20 @@ import functools
 
 from jaxtyping import Array, Float
 
-from lateral_jax.core import fused, implicit, loops, plan
+from lateral_jax.core import implicit, loops, plan
+from lateral_jax.core.cell import (
+    Unrolled,
+    activate,
+    afferent_drive,
+    check_input,
+    check_lateral_params,
+    group_norm,
+    initial_state,
+    lateral_input,
+    lateral_step,
+    normalise,
+    relative_change,
+)
 from lateral_jax.core.config import (
     ACTIVATIONS,
     CONV_ALGORITHMS,
@@ -48,21 +61,7 @@ from lateral_jax.core.config import (
     check_odd_size,
     loop_options,
 )
-from lateral_jax.core.convolution import conv, use_winograd, winograd_tile
 from lateral_jax.core.implicit import fixed_point
-from lateral_jax.core.layer import (
-    Unrolled,
-    activate,
-    afferent_drive,
-    check_input,
-    check_lateral_params,
-    group_norm,
-    initial_state,
-    lateral_input,
-    lateral_step,
-    normalise,
-    relative_change,
-)
 from lateral_jax.core.loops import default_remat_batch_chunks, remat_segment_length
 from lateral_jax.core.params import (
     LateralParams,
@@ -73,6 +72,8 @@ from lateral_jax.core.params import (
     lateral_kernel_shape,
 )
 from lateral_jax.core.plan import default_scan_unroll
+from lateral_jax.kernels import fused
+from lateral_jax.kernels.convolution import conv, use_winograd, winograd_tile
 
 step = lateral_step
 

@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +32,6 @@ from jax.experimental import multihost_utils
 from lateral_jax.core import models
 from lateral_jax.training import checkpoint, train
 from lateral_jax.training.config import (
-    DATASETS,
-    MODEL_KINDS,
-    SYNTHETIC,
     DataConfig,
     ModelConfig,
     RunConfig,
@@ -48,7 +45,7 @@ from lateral_jax.training.datasets import Data, build_data
 from lateral_jax.training.divergence import DivergenceError, DivergenceMonitor
 from lateral_jax.training.feeds import DeviceFeed, HostFeed
 from lateral_jax.training.metrics import MetricWriter
-from lateral_jax.training.programs import build_model, programs
+from lateral_jax.training.programs import Programs, build_model, programs
 from lateral_jax.training.rundir import (
     EXIT_DIVERGED,
     EXIT_OK,
@@ -103,6 +100,37 @@ def _crossed(before: int, after: int, every: int, total: int) -> bool:
     return after // every > before // every or after == total
 
 
+class Assembly(NamedTuple):
+    """A run's pieces as :func:`assemble` builds them for training and :func:`load_trained` alike."""
+
+    programs: Programs  # model, optimiser, mesh and jitted programs
+    initial: train.TrainState  # replicated over the mesh, from the run's seed
+    steps_per_epoch: int
+    total_steps: int
+
+
+def assemble(config: RunConfig, data: Data) -> Assembly:
+    """The one assembler of a run: its programs (the optimiser's schedule counts updates, one per
+    ``accumulate_steps`` batches) and its initial state (a checkpoint's restore target)."""
+    steps_per_epoch = max(1, len(data.train) // config.batch_size)
+    total_steps = max(1, math.ceil(config.num_epochs * steps_per_epoch))
+    updates = math.ceil(total_steps / config.optimizer.accumulate_steps)
+    p = programs(
+        config.model,
+        dataclasses.replace(config.optimizer, total_steps=updates),
+        data.num_classes,
+        tuple(data.input_shape),
+        batch_size=config.batch_size,
+        device_data=config.device_data,
+        augment=config.data.augment,
+        label_smoothing=config.label_smoothing,
+        devices=tuple(jax.devices()),
+    )
+    example = jnp.zeros((1, *data.input_shape), jnp.float32)
+    initial = train.replicate(train.init_state(p.model, p.tx, jax.random.key(config.seed), example), p.mesh)
+    return Assembly(p, initial, steps_per_epoch, total_steps)
+
+
 class _Run:
     """The pieces of one run; :meth:`train` is the loop."""
 
@@ -111,26 +139,8 @@ class _Run:
         self.is_main = jax.process_index() == 0
         train.check_batch_size(config.batch_size, train.make_mesh())
         self.data = build_data(config.data, config.seed)
-        self.steps_per_epoch = max(1, len(self.data.train) // config.batch_size)
-        self.total_steps = max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
-        # the schedule counts optimiser updates: one per accumulate_steps batches
-        updates = math.ceil(self.total_steps / config.optimizer.accumulate_steps)
-        p = programs(
-            config.model,
-            dataclasses.replace(config.optimizer, total_steps=updates),
-            self.data.num_classes,
-            tuple(self.data.input_shape),
-            batch_size=config.batch_size,
-            device_data=config.device_data,
-            augment=config.data.augment,
-            label_smoothing=config.label_smoothing,
-            devices=tuple(jax.devices()),
-        )
+        p, self.initial, self.steps_per_epoch, self.total_steps = assemble(config, self.data)
         self.mesh, self.model, self.tx, self.eval_fn, self.spectral_fn = p.mesh, p.model, p.tx, p.eval_step, p.spectral
-        example = jnp.zeros((1, *self.data.input_shape), jnp.float32)
-        self.initial = train.replicate(
-            train.init_state(self.model, self.tx, jax.random.key(config.seed), example), self.mesh
-        )
         if config.device_data:
             self.feed = DeviceFeed(config, self.data, p.epoch, self.mesh)
         else:
@@ -390,12 +400,9 @@ def load_trained(workdir: str | Path) -> TrainedRun:
     """Config, data, model and the newest readable checkpoint's parameters of a run."""
     config = load_run_config(workdir)
     data = build_data(config.data, config.seed)
-    model = build_model(config.model, data.num_classes, data.input_shape)
-    tx = train.make_optimizer(config.optimizer, ei_mode=config.model.ei_mode)
-    mesh = train.make_mesh()
-    target = train.replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, *data.input_shape))), mesh)
+    assembly = assemble(config, data)
     ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints")
-    restored = ckpt.restore(target)
+    restored = ckpt.restore(assembly.initial)
     ckpt.close()
     if restored is None:
         raise FileNotFoundError(f"no readable checkpoint in {Path(workdir) / 'checkpoints'}; train the run first.")
@@ -411,11 +418,10 @@ def load_trained(workdir: str | Path) -> TrainedRun:
                 RuntimeWarning,
                 stacklevel=2,
             )
-    return TrainedRun(config, data, model, jax.device_get(state.params), step)
+    return TrainedRun(config, data, assembly.programs.model, jax.device_get(state.params), step)
 
 
 __all__ = [
-    "DATASETS",
     "EXIT_DIVERGED",
     "EXIT_OK",
     "EXIT_PREEMPTED",
@@ -423,8 +429,6 @@ __all__ = [
     "ConfigMismatchError",
     "DivergenceError",
     "RunFolderError",
-    "MODEL_KINDS",
-    "SYNTHETIC",
     "Data",
     "DataConfig",
     "DeviceFeed",
@@ -437,5 +441,4 @@ __all__ = [
     "load_run_config",
     "load_trained",
     "train_and_evaluate",
-    "validate",
 ]

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from lateral_jax.core.config import Activation, LateralConfig, Norm
-from lateral_jax.core.convolution import conv
 from lateral_jax.core.params import LateralParams, NormParams, lateral_kernel_shape
+from lateral_jax.kernels.convolution import conv
 
 
 class Unrolled(NamedTuple):

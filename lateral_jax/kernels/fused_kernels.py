@@ -1,4 +1,4 @@
-"""The Pallas programs of the fused lateral loop kernel (see :mod:`lateral_jax.core.fused`).
+"""The Pallas programs of the fused lateral loop kernel (see :mod:`lateral_jax.kernels.fused`).
 
 :func:`loop_kernel` runs all T loops of one example; :func:`loop_grad_kernel` runs them backwards
 over the saved states.  :class:`LoopGeometry` is the static shape both are specialised to.
@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from lateral_jax.core.cell import activate
 from lateral_jax.core.config import LateralConfig
-from lateral_jax.core.layer import activate
 
 # Tile sizes: every loaded block must have power-of-two sides (Triton) of at least 16 (its dot).
 PIXEL_TILE = 64

@@ -31,7 +31,7 @@ choices keep it fast where large elementwise passes are memory-bound:
 
 ``conv3x3(..., tile=4)`` is F(4×4, 3×3) (Lavin's 6×6 transforms): 36 multiply-adds per 16 outputs
 (4× fewer than direct) with about 10× the float32 rounding error (still ≤ 1e-4 of the output
-scale); :func:`lateral_jax.core.convolution.winograd_tile` chooses the tile.
+scale); :func:`lateral_jax.kernels.convolution.winograd_tile` chooses the tile.
 
 Every mode of differentiation works: ``jax.jvp``, ``jax.linearize``, ``jax.grad``,
 ``jax.jacfwd`` and Hessian-vector products in both orders.
@@ -48,7 +48,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float
 
-from lateral_jax.core.batching import largest_divisor, merge_batch, split_batch
+from lateral_jax.kernels.batching import largest_divisor, merge_batch, split_batch
 
 
 class _Transforms(NamedTuple):

@@ -52,12 +52,12 @@ from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
 from lateral_jax.core import plan
+from lateral_jax.core.cell import Unrolled, initial_state, lateral_step, relative_change
 from lateral_jax.core.config import GradMode, LateralConfig
-from lateral_jax.core.convolution import conv
-from lateral_jax.core.fused_kernels import LoopGeometry, check_supported, geometry, loop_grad_kernel, loop_kernel
-from lateral_jax.core.layer import Unrolled, initial_state, lateral_step, relative_change
 from lateral_jax.core.params import LateralParams, NormParams
 from lateral_jax.core.sharding import DATA_AXIS, data_parallel_mesh
+from lateral_jax.kernels.convolution import conv
+from lateral_jax.kernels.fused_kernels import LoopGeometry, check_supported, geometry, loop_grad_kernel, loop_kernel
 
 
 def _compiler_params(interpret: bool) -> dict:
@@ -161,7 +161,7 @@ def _unpad(states: jax.Array, g: LoopGeometry) -> jax.Array:
 
 
 def _xla_states(a0, drive, w_lat, scale, bias, config: LateralConfig, num_steps: int) -> jax.Array:
-    """The same loops as the kernel in XLA ops (:func:`lateral_jax.core.layer.lateral_step`):
+    """The same loops as the kernel in XLA ops (:func:`lateral_jax.core.cell.lateral_step`):
     ``a(0..T)`` ``[T+1, B, H, W, C]`` from ``a(0)``; what forward mode differentiates."""
     loop_norm = NormParams(scale, bias) if config.loop_norm != "none" else None
     params = LateralParams(None, None, w_lat, None, None, loop_norm)

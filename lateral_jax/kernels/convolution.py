@@ -1,7 +1,7 @@
 """Convolution dispatch: which algorithm computes a stride-1 SAME convolution of the layer.
 
 ``conv_algorithm="xla"`` is the reference, ``lax.conv_general_dilated``.  ``"winograd"`` is
-:func:`lateral_jax.core.winograd.conv3x3` (full-mixing 3×3 kernels only; reverse-mode
+:func:`lateral_jax.kernels.winograd.conv3x3` (full-mixing 3×3 kernels only; reverse-mode
 differentiation only).  ``"auto"`` takes Winograd where it is faster and XLA everywhere else:
 
 * on CPU (the backend's plan, :func:`lateral_jax.core.plan.resolve`, makes ``"auto"`` ``"xla"``
@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from lateral_jax.core import winograd
 from lateral_jax.core.config import ConvAlgorithm
+from lateral_jax.kernels import winograd
 
 WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MIN_SIZE = 1 << 27
