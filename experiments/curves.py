@@ -3,6 +3,9 @@
   python -m experiments.curves --out results/curves_embedded.jsonl                      # every knob
   python -m experiments.curves --knobs pathfinder:curve_length --shard 0/2 --out ...     # one of 2 processes
   python -m experiments.curves --tables results/curves_embedded.jsonl --figure results/curves_embedded.png
+  python -m experiments.curves --protocol pathfinder_bench --knobs pathfinder_published:contour_length \
+      --models fcnn,fcnn_matched,lccnn_T4,lccnn_T8,lceicnn_T4_l1e-3,hgru_T8,hgru_T8_crbp --reuse "" \
+      --shard 0/2 --out results/pathfinder_published/benchmark.jsonl        # the field's benchmark
 
 Each knob of a task (:data:`KNOBS`: contour path length, spacing and clutter; Pathfinder curve
 length and distractors) is varied alone, the others left at their defaults
@@ -40,7 +43,12 @@ KNOBS: dict[tuple[str, str], tuple[float, ...]] = {
     ("pathfinder", "curve_length"): (16.0, 24.0, 32.0),
     # more distractor curves
     ("pathfinder", "num_curves"): (2, 3, 4),
+    # the field's benchmark: Pathfinder by the published procedure, paddles per path (protocol
+    # pathfinder_bench, models BENCHMARK_MODELS)
+    ("pathfinder_published", "contour_length"): (6, 9, 14),
 }
+EMBEDDED_KNOBS = tuple(k for k in KNOBS if k[0] != "pathfinder_published")
+BENCHMARK_MODELS = ("fcnn", "fcnn_matched", "lccnn_T4", "lccnn_T8", "lceicnn_T4_l1e-3", "hgru_T8", "hgru_T8_crbp")
 MODELS = (
     "fcnn",
     "fcnn_matched",
@@ -211,6 +219,36 @@ def figure(points: dict[tuple, list[float]], path: Path, models: tuple[str, ...]
     plt.close(fig)
 
 
+def spectral_table(rows: list[dict], models: tuple[str, ...] = MODELS) -> str:
+    """ρ(J) of each model's loops at its final state (mean over the layers of the run's last
+    evaluation; mean ± sample std over seeds) per knob level: e.g. the hGRU with and without
+    C-RBP.  Empty when no row has spectral radii."""
+    cells: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r.get("spectral_radius"):
+            key = (r["dataset"], r["knob"], r["level"], r["variant"])
+            cells.setdefault(key, []).append(float(np.mean(list(r["spectral_radius"].values()))))
+    lines = []
+    for task, knob in KNOBS:
+        levels = [float(v) for v in KNOBS[task, knob] if any(k[:3] == (task, knob, float(v)) for k in cells)]
+        if not levels:
+            continue
+        lines += [f"#### {task}: {knob}, loop ρ(J) at the final state", ""]
+        lines += study_tables.header("model", [f"{knob} = {v:g}" for v in levels])
+        for variant in models:
+            values = [cells.get((task, knob, v, variant)) for v in levels]
+            if any(values):
+                lines.append(f"| {variant} | " + " | ".join(_rho_cell(x) for x in values) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _rho_cell(values: list[float] | None) -> str:
+    if not values:
+        return "–"
+    return f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "")
+
+
 def parse_knobs(text: str) -> list[tuple[str, str]]:
     knobs = [tuple(k.split(":", 1)) for k in text.split(",") if k]
     unknown = [":".join(k) for k in knobs if k not in KNOBS]
@@ -223,7 +261,10 @@ def parse_knobs(text: str) -> list[tuple[str, str]]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/curves_embedded.jsonl")
-    p.add_argument("--knobs", default=",".join(f"{t}:{k}" for t, k in KNOBS), help="task:knob,... in priority order")
+    p.add_argument(
+        "--knobs", default=",".join(f"{t}:{k}" for t, k in EMBEDDED_KNOBS), help="task:knob,... in priority order"
+    )
+    p.add_argument("--protocol", default=PROTOCOL, choices=sorted(study.PROTOCOLS), help="the study protocol")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     p.add_argument("--reuse", default="results/study_embedded.jsonl", help="study rows standing in at default levels")
@@ -233,10 +274,13 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     reuse = [Path(r) for r in args.reuse.split(",") if r]
     if args.tables:
-        points = curve_points(read_rows([Path(t) for t in args.tables.split(",")]), read_rows(reuse))
-        print(tables(points))
+        rows = read_rows([Path(t) for t in args.tables.split(",")])
+        points = curve_points(rows, read_rows(reuse), protocol=args.protocol)
+        models = tuple(args.models.split(","))
+        print(tables(points, models))
+        print(spectral_table(rows, models))
         if args.figure:
-            figure(points, Path(args.figure))
+            figure(points, Path(args.figure), models)
         return
     try:
         knobs, shard = parse_knobs(args.knobs), study.parse_shard(args.shard)
@@ -246,11 +290,14 @@ def main(argv=None) -> None:
     except ValueError as e:
         p.error(str(e))
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    finished = run_curves(Path(args.out), knobs, models=models, seeds=seeds, reuse=reuse, shard=shard)
+    protocol = study.PROTOCOLS[args.protocol]
+    finished = run_curves(
+        Path(args.out), knobs, models=models, seeds=seeds, protocol=protocol, reuse=reuse, shard=shard
+    )
     if not finished:
         print("preempted: the unfinished run saved a checkpoint; rerun the same command to resume.", flush=True)
         sys.exit(study.EXIT_PREEMPTED)
-    print(tables(curve_points(read_rows([Path(args.out)]), read_rows(reuse))))
+    print(tables(curve_points(read_rows([Path(args.out)]), read_rows(reuse), protocol=args.protocol), models))
 
 
 if __name__ == "__main__":

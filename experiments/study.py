@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.configs import variants
+from experiments.configs import pathfinder_published, variants
 from experiments.study_tables import VARIANTS, analytic_forward_flops, failure_table, summarise, tables  # noqa: F401
 from lateral_jax.training.rundir import EXIT_PREEMPTED, EXIT_REFUSED
 
@@ -48,7 +48,9 @@ class Protocol:
     preset, ``"stable"`` (GroupNorm on the drive and in the loop) or ``"paper"`` (no normalisation,
     :meth:`~lateral_jax.core.config.LateralConfig.paper`).  ``eval_every_epoch``: evaluate the
     validation split after every epoch (a learning curve in the run's ``metrics.jsonl``), not
-    only at the end."""
+    only at the end.  ``synthetic_validation``: generated validation examples (``None``: a quarter
+    of ``synthetic_train``, at least 64).  An hGRU variant takes the Pathfinder benchmark's hGRU
+    settings (:data:`experiments.configs.pathfinder_published.HGRU`)."""
 
     name: str
     widths: tuple[int, ...]
@@ -66,6 +68,7 @@ class Protocol:
     synthetic_warmup: int | None = None
     lateral: str = "stable"
     eval_every_epoch: bool = False
+    synthetic_validation: int | None = None
 
 
 PROTOCOLS = {
@@ -138,6 +141,19 @@ PROTOCOLS["cifar_converged"] = dataclasses.replace(
 PROTOCOLS["embedded_paper"] = dataclasses.replace(
     PROTOCOLS["embedded"], name="embedded_paper", lateral="paper", seeds=(0, 1, 2)
 )
+# The field's benchmark (experiments/curves.py --protocol pathfinder_bench, RESULTS.md): Pathfinder
+# by the published procedure at 32 x 32, lengths 6 / 9 / 14, the embedded tasks' models and
+# optimiser on 16,384 generated images x 4 epochs (length 6: the LC-CNN reached 92 % by its third
+# epoch of the 8-epoch pilot, results/pathfinder_published/pilot_16384x8_length6.jsonl), 1,024
+# validation images, seeds 0-2.
+PROTOCOLS["pathfinder_bench"] = dataclasses.replace(
+    PROTOCOLS["embedded"],
+    name="pathfinder_bench",
+    seeds=(0, 1, 2),
+    synthetic_train=16384,
+    synthetic_epochs=4,
+    synthetic_validation=1024,
+)
 
 
 def data_config(dataset: str, protocol: Protocol, *, archive: Path = ARCHIVE):
@@ -156,14 +172,15 @@ def data_config(dataset: str, protocol: Protocol, *, archive: Path = ARCHIVE):
     return DataConfig(
         dataset=dataset,
         num_train=protocol.synthetic_train,
-        num_validation=max(protocol.synthetic_train // 4, 64),
+        num_validation=protocol.synthetic_validation or max(protocol.synthetic_train // 4, 64),
         seed=0,
     )
 
 
 def run_config(dataset: str, variant: str, seed: int, protocol: Protocol, num_train: int, *, archive: Path = ARCHIVE):
     """The ``RunConfig`` of one study run; ``num_train`` (training examples) sets the warm-up."""
-    from lateral_jax.core.config import LateralConfig
+    from lateral_jax.core.config import LateralConfig, LoopOptions
+    from lateral_jax.core.hgru import HGRUConfig
     from lateral_jax.training.config import ModelConfig, RunConfig
     from lateral_jax.training.train import OptimizerConfig
 
@@ -176,6 +193,10 @@ def run_config(dataset: str, variant: str, seed: int, protocol: Protocol, num_tr
     groups = 8 if min(widths) % 8 == 0 else 4
     fields = variants.overrides(variant)
     preset = LateralConfig.paper if protocol.lateral == "paper" else LateralConfig.stable
+    if fields["kind"] == "hgru":
+        fields["hgru"] = HGRUConfig(**pathfinder_published.HGRU)
+    if "loop" in fields:  # the _crbp variants' implicit mode
+        fields["loop"] = LoopOptions(**fields["loop"])
     model = ModelConfig(
         widths=widths,
         lateral=preset(num_groups=groups, **fields.pop("lateral", {})),
@@ -254,7 +275,21 @@ def run_one(
         "wall_s": final["wall_s"],
         **final["ei"],
         **learning_curve(folder),
+        **spectral_radii(folder),
     }
+
+
+def spectral_radii(folder: Path) -> dict:
+    """``{"spectral_radius": {layer: ρ(J)}}`` of the run's last evaluation (the loop Jacobian's
+    spectral radius at the final state, ``RunConfig.spectral_images``), else ``{}``."""
+    from lateral_jax.training.metrics import read_metrics
+
+    path = folder / "metrics.jsonl"
+    evals = [r for r in read_metrics(path) if r.get("kind") == "eval"] if path.exists() else []
+    prefix = "loop/spectral_radius/"
+    last = max(evals, key=lambda r: r["step"]) if evals else {}
+    radii = {k[len(prefix) :]: round(float(v), 4) for k, v in last.items() if k.startswith(prefix)}
+    return {"spectral_radius": radii} if radii else {}
 
 
 def learning_curve(folder: Path) -> dict:

@@ -51,6 +51,7 @@ SLOW = frozenset(
         "tests/config_test.py::test_a_core_install_trains",
         "tests/config_test.py::test_every_model_takes_the_whole_loop_options_value",
         "tests/curves_test.py::test_curves_train_each_level_resume_and_tabulate",
+        "tests/curves_test.py::test_the_pathfinder_benchmark_runs_published_lengths_with_the_hgru_settings",
         "tests/docs_test.py::test_python_block_runs_as_written",
         "tests/docs_test.py::test_tutorial_runs_in_short_mode",
         "tests/dynamics_test.py::test_layer_spectral_radii_of_models_equal_the_per_layer_estimate",

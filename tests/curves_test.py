@@ -1,5 +1,6 @@
 """The difficulty curves (experiments/curves.py) on the study's smoke protocol: rows, resume, reuse, tables."""
 
+import dataclasses
 import json
 
 import pytest
@@ -46,3 +47,29 @@ def test_curves_train_each_level_resume_and_tabulate(tmp_path, capsys):
 def test_unknown_knobs_are_refused_with_the_known_ones():
     with pytest.raises(ValueError, match="unknown contour:width; choose from contour:path_length"):
         curves.parse_knobs("contour:width")
+
+
+def test_the_pathfinder_benchmark_runs_published_lengths_with_the_hgru_settings(tmp_path, monkeypatch):
+    """The field's benchmark is a curve over the published contour length: its protocol's data and
+    the benchmark hGRU (C-RBP in implicit mode); each row carries the loops' ρ(J), tabulated."""
+    from lateral_jax.core.hgru import HGRUConfig
+
+    bench = study.PROTOCOLS["pathfinder_bench"]
+    config = curves.level_config("pathfinder_published", "contour_length", 9.0, "hgru_T8_crbp", 1, bench)
+    assert config.data.dataset == "pathfinder_published" and config.data.task == (("contour_length", 9),)
+    assert (config.data.num_train, config.data.num_validation, config.num_epochs) == (16384, 1024, 4.0)
+    assert config.model.hgru == HGRUConfig(kernel_size=5, num_groups=4, activation="tanh")
+    assert config.model.loop.grad_mode == "implicit" and config.model.contractor_weight == 1.0
+    assert curves.level_config("pathfinder_published", "contour_length", 6.0, "fcnn", 0, bench).data.task == ()
+
+    monkeypatch.setenv("LATERAL_JAX_DATA", str(tmp_path / "data"))
+    out, knob = tmp_path / "bench.jsonl", [("pathfinder_published", "contour_length")]
+    tiny = dataclasses.replace(study.PROTOCOLS["smoke"], synthetic_train=64, synthetic_validation=32)
+    assert curves.run_curves(out, knob, models=("hgru_T2",), seeds=(0,), protocol=tiny)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["level"], r["val_examples"]) for r in rows] == [(6.0, 32), (9.0, 32), (14.0, 32)]
+    assert all(set(r["spectral_radius"]) == {"hgru"} and 0 < r["spectral_radius"]["hgru"] < 10 for r in rows)
+    rows[0]["spectral_radius"] = {"hgru": 0.5}
+    rows[1]["spectral_radius"] = {"hgru": 0.75}
+    table = curves.spectral_table([*rows[:2], {**rows[1], "seed": 1, "spectral_radius": {"hgru": 0.25}}], ("hgru_T2",))
+    assert "| hgru_T2 | 0.500 | 0.500 ± 0.354 |" in table

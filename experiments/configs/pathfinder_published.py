@@ -13,6 +13,9 @@ are generated once, in parallel, and cached (``$LATERAL_JAX_DATA``); the same da
 from experiments.configs import base
 
 LENGTHS = ("6", "9", "14")
+# The benchmark's hGRU settings (also the study's, experiments/study.py): 5 x 5 horizontal kernels, a
+# bounded state (tanh), so the implicit (C-RBP) solve cannot run away.
+HGRU = {"kernel_size": 5, "num_groups": 4, "activation": "tanh"}
 
 
 def get_config(variant: str = "14"):
@@ -20,9 +23,7 @@ def get_config(variant: str = "14"):
     c = base.synthetic_config("pathfinder_published", "smoke" if variant == "smoke" else "")
     length = 6 if variant in ("", "smoke") else int(variant)
     c.data.task = {"contour_length": length, "image_size": 32}
-    c.model.hgru.kernel_size = 5
-    c.model.hgru.num_groups = 4
-    c.model.hgru.activation = "tanh"  # a bounded state: the implicit (C-RBP) solve cannot run away
+    c.model.hgru.update(HGRU)
     if variant != "smoke":
         c.data.num_train = 8192
         c.data.num_validation = 1024
