@@ -31,7 +31,10 @@ import numpy as np
 from experiments import peer_stepper
 from lateral_jax.core import models
 from lateral_jax.core.config import LateralConfig, LoopOptions
+from lateral_jax.core.sharding import make_mesh
 from lateral_jax.training import train
+from lateral_jax.training.optimizer import OptimizerConfig, make_optimizer
+from lateral_jax.training.sharding import replicate, shard_batch
 
 WIDTHS = (64, 128, 256)
 # Dense peaks; XLA runs float32 convolutions on the tensor cores as TF32 by default.
@@ -99,7 +102,7 @@ def build_config(
             f"--devices {num_devices} needs that many devices (found {len(jax.devices())}; on CPU set "
             f"XLA_FLAGS=--xla_force_host_platform_device_count=N) and a batch divisible by it (got {batch})."
         )
-    mesh = train.make_mesh(jax.devices()[:num_devices])
+    mesh = make_mesh(jax.devices()[:num_devices])
     model = workload_model(
         num_steps,
         grad_mode,
@@ -109,18 +112,16 @@ def build_config(
         conv_algorithm=conv_algorithm,
         loop_kernel=loop_kernel,
     )
-    tx = train.make_optimizer(
-        train.OptimizerConfig(
-            name="momentum", learning_rate=0.01, weight_decay=0.0, schedule="constant", grad_clip_norm=None
-        )
+    tx = make_optimizer(
+        OptimizerConfig(name="momentum", learning_rate=0.01, weight_decay=0.0, schedule="constant", grad_clip_norm=None)
     )
     rng = np.random.default_rng(0)
     host_batch = {
         "image": rng.standard_normal((batch, 32, 32, 3)).astype(np.float32),
         "label": rng.integers(0, 10, (batch,)).astype(np.int32),
     }
-    state = train.replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, 32, 32, 3))), mesh)
-    data = train.shard_batch(host_batch, mesh)
+    state = replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, 32, 32, 3))), mesh)
+    data = shard_batch(host_batch, mesh)
     step = train.jit_train_step(model, tx, mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, data).compile()

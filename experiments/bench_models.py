@@ -33,7 +33,10 @@ import numpy as np
 
 from experiments import bench, study
 from lateral_jax.core import cell, hgru_models, models
+from lateral_jax.core.sharding import make_mesh
 from lateral_jax.training import device_epochs, programs, train
+from lateral_jax.training.optimizer import make_optimizer
+from lateral_jax.training.sharding import replicate, shard_batch
 
 # (dataset, protocol, variants): what the CIFAR-10 and embedded-task studies train.
 STUDY_MODELS = (
@@ -117,14 +120,14 @@ def setup(dataset: str, protocol_name: str, variant: str, epoch_batches: int) ->
     shape = IMAGE_SHAPES[config.data.dataset if protocol_name not in study.PROTOCOLS else dataset]
     num_classes = 10 if dataset == "cifar10" else 2
     model = programs.build_model(config.model, num_classes, shape)
-    tx = train.make_optimizer(config.optimizer, ei_mode=config.model.ei_mode)
-    mesh = train.make_mesh()
-    state = train.replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, *shape))), mesh)
+    tx = make_optimizer(config.optimizer, ei_mode=config.model.ei_mode)
+    mesh = make_mesh()
+    state = replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, *shape))), mesh)
     rng = np.random.default_rng(0)
     n = batch * epoch_batches
     images = rng.standard_normal((n, *shape)).astype(np.float32)
     labels = rng.integers(0, num_classes, (n,)).astype(np.int32)
-    first = train.shard_batch({"image": images[:batch], "label": labels[:batch]}, mesh)
+    first = shard_batch({"image": images[:batch], "label": labels[:batch]}, mesh)
     return Setup(model, tx, mesh, state, first, images, labels, config)
 
 
@@ -142,7 +145,7 @@ def study_row(dataset: str, protocol_name: str, variant: str, iters: int, epoch_
     compiled, compile_s = compile_step(s)
     step_s, state = median_seconds(lambda st: compiled(st, s.batch)[0], s.state, iters)
     epoch = device_epochs.make_device_epoch(s.model, s.tx, s.mesh, batch_size=batch, augment=dataset == "cifar10")
-    dev_images, dev_labels = train.shard_batch({"image": s.images, "label": s.labels}, s.mesh).values()
+    dev_images, dev_labels = shard_batch({"image": s.images, "label": s.labels}, s.mesh).values()
     key = jax.random.key(1)
     epoch_s, _ = median_seconds(lambda st: epoch(st, dev_images, dev_labels, key)[0], state, max(2, iters // 4))
     gflop = train_gflop(s, dataset)

@@ -30,7 +30,10 @@ import jax.numpy as jnp  # noqa: E402
 
 from experiments.configs import base, imagenet  # noqa: E402
 from lateral_jax.core import models  # noqa: E402
+from lateral_jax.core.sharding import make_mesh
 from lateral_jax.training import run, train  # noqa: E402
+from lateral_jax.training.optimizer import make_optimizer
+from lateral_jax.training.sharding import batch_sharding, replicated
 
 MODELS = {
     "resnet18_T0": ("", "lateral_resnet_T0"),
@@ -55,18 +58,16 @@ def plan_row(name: str, per_device: int) -> dict:
     variant, model_variant = MODELS[name]
     config = base.to_run_config(imagenet.get_config(variant), model_variant)
     model = run.build_model(config.model, 1000, (224, 224, 3))
-    mesh = train.make_mesh()
-    tx = train.make_optimizer(config.optimizer)
+    mesh = make_mesh()
+    tx = make_optimizer(config.optimizer)
     example = jnp.zeros((1, 224, 224, 3), jnp.float32)
     state = jax.eval_shape(lambda: train.init_state(model, tx, jax.random.key(0), example))
     global_batch = per_device * mesh.size
     batch = {
-        "image": jax.ShapeDtypeStruct((global_batch, 224, 224, 3), jnp.float32, sharding=train.batch_sharding(mesh)),
-        "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=train.batch_sharding(mesh)),
+        "image": jax.ShapeDtypeStruct((global_batch, 224, 224, 3), jnp.float32, sharding=batch_sharding(mesh)),
+        "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=batch_sharding(mesh)),
     }
-    state = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=train.replicated(mesh)), state
-    )
+    state = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), state)
     step = train.jit_train_step(model, tx, mesh, label_smoothing=config.label_smoothing)
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)

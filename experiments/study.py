@@ -182,7 +182,7 @@ def run_config(dataset: str, variant: str, seed: int, protocol: Protocol, num_tr
     from lateral_jax.core.config import LateralConfig, LoopOptions
     from lateral_jax.core.hgru import HGRUConfig
     from lateral_jax.training.config import ModelConfig, RunConfig
-    from lateral_jax.training.train import OptimizerConfig
+    from lateral_jax.training.optimizer import OptimizerConfig
 
     cifar = dataset == "cifar10"
     widths = protocol.widths if cifar else protocol.synthetic_widths

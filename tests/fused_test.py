@@ -18,7 +18,10 @@ import pytest
 from experiments import fused_check
 from lateral_jax.core import recurrence
 from lateral_jax.core.recurrence import LateralConfig, NormParams
+from lateral_jax.core.sharding import make_mesh
 from lateral_jax.kernels import fused
+from lateral_jax.training.optimizer import OptimizerConfig, make_optimizer
+from lateral_jax.training.sharding import replicate, shard_batch
 
 rel_err = fused_check.rel_err  # max |Δ| / max |reference|, in float32
 
@@ -144,12 +147,12 @@ def test_fused_kernel_trains_data_parallel_on_8_devices_like_xla_on_1():
     }
 
     def one_step(num_devices, loop_kernel):
-        mesh = train.make_mesh(jax.devices()[:num_devices])
+        mesh = make_mesh(jax.devices()[:num_devices])
         config = dataclasses.replace(lateral, loop_kernel=loop_kernel)
         model = models.LateralCNN(widths=(16,), num_classes=10, num_steps=2, lateral=config)
-        tx = train.make_optimizer(train.OptimizerConfig(name="momentum", learning_rate=0.1, schedule="constant"))
-        state = train.replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, 16, 16, 3))), mesh)
-        state, metrics = train.jit_train_step(model, tx, mesh)(state, train.shard_batch(batch, mesh))
+        tx = make_optimizer(OptimizerConfig(name="momentum", learning_rate=0.1, schedule="constant"))
+        state = replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, 16, 16, 3))), mesh)
+        state, metrics = train.jit_train_step(model, tx, mesh)(state, shard_batch(batch, mesh))
         return jax.device_get(state.params), float(metrics["loss"])
 
     (want, loss_want), (got, loss_got) = one_step(1, "xla"), one_step(8, "pallas")
@@ -159,11 +162,10 @@ def test_fused_kernel_trains_data_parallel_on_8_devices_like_xla_on_1():
 
 
 def test_fused_kernel_needs_a_batch_that_splits_over_the_mesh(key):
-    from lateral_jax.training import train
 
     config = LateralConfig(loop_kernel="pallas")
     params = recurrence.init_params(key, in_channels=3, out_channels=16, config=config)
-    mesh = train.make_mesh(jax.devices()[:8])
+    mesh = make_mesh(jax.devices()[:8])
     too_small = jnp.zeros((4, 8, 8, 3))  # 4 examples, 8 devices
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         with pytest.raises(ValueError, match="does not split over the 8"):

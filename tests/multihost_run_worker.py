@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def tiny_run_config(device_data: bool):
     from lateral_jax.core.config import LateralConfig
     from lateral_jax.training import config
-    from lateral_jax.training.train import OptimizerConfig
+    from lateral_jax.training.optimizer import OptimizerConfig
 
     return config.RunConfig(
         data=config.DataConfig(dataset="contour", num_train=160, num_validation=72, augment=False),

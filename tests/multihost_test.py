@@ -97,8 +97,10 @@ def test_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path
     import signal
     import time
 
+    from lateral_jax.core.sharding import make_mesh
     from lateral_jax.training import run, train
     from lateral_jax.training.data import pipeline
+    from lateral_jax.training.sharding import replicate
 
     finish(launch(tmp_path / "whole"))
     procs = launch(tmp_path / "killed")
@@ -123,10 +125,10 @@ def test_two_process_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path
         keys = [(r["step"], r["kind"]) for r in records]
         assert len(keys) == len(set(keys)) == 8, keys  # train + eval at each of the 4 epoch ends
     final = json.loads((tmp_path / "whole" / "final.json").read_text())
-    mesh = train.make_mesh()  # this process alone, 8 devices
+    mesh = make_mesh()  # this process alone, 8 devices
     single = train.evaluate(
         train.jit_eval_step(whole.model, mesh),
-        train.replicate(whole.params, mesh),
+        replicate(whole.params, mesh),
         pipeline.eval_batches(whole.data.validation, global_batch_size=16, normalisation=whole.data.normalisation),
         mesh,
     )

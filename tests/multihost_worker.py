@@ -30,14 +30,17 @@ def main():
 
     from lateral_jax.core import models
     from lateral_jax.core.recurrence import LateralConfig
+    from lateral_jax.core.sharding import make_mesh
     from lateral_jax.training import train
     from lateral_jax.training.data import pipeline, sources, synthetic
+    from lateral_jax.training.optimizer import OptimizerConfig, make_optimizer
+    from lateral_jax.training.sharding import replicate, shard_batch
 
     assert jax.process_count() == a.processes and jax.device_count() == a.processes
     model = models.LCEICNN(widths=(4, 8), num_steps=2, lateral=LateralConfig.stable(num_groups=2), ei_weight=1e-2)
-    tx = train.make_optimizer(train.OptimizerConfig(name="momentum", learning_rate=0.05, total_steps=a.steps))
-    mesh = train.make_mesh()
-    state = train.replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, 32, 32, 1))), mesh)
+    tx = make_optimizer(OptimizerConfig(name="momentum", learning_rate=0.05, total_steps=a.steps))
+    mesh = make_mesh()
+    state = replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, 32, 32, 1))), mesh)
     src = sources.ArraySource(synthetic.make_task("contour", 64, seed=0))
     it = iter(
         pipeline.train_dataset(
@@ -46,7 +49,7 @@ def main():
     )
     step = train.jit_train_step(model, tx, mesh)
     for _ in range(a.steps):
-        state, metrics = step(state, train.shard_batch(next(it), mesh))
+        state, metrics = step(state, shard_batch(next(it), mesh))
     flat = {
         jax.tree_util.keystr(k): np.asarray(v.addressable_data(0))
         for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]

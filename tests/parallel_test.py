@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from lateral_jax.core.sharding import DATA_AXIS
 from lateral_jax.training import train
+from lateral_jax.training.sharding import shard_batch
 from tests.train_test import setup
 
 # The three forms all-reduce the same per-device gradients in different orders: float32 summation
@@ -24,8 +25,8 @@ def _jit_reference(steps=2):
     model, tx, mesh, state, batch = setup(8)
     step = train.jit_train_step(model, tx, mesh)
     for _ in range(steps):
-        state, metrics = step(state, train.shard_batch(batch, mesh))
-    evaluated = train.jit_eval_step(model, mesh)(state.params, train.shard_batch(batch, mesh))
+        state, metrics = step(state, shard_batch(batch, mesh))
+    evaluated = train.jit_eval_step(model, mesh)(state.params, shard_batch(batch, mesh))
     return jax.device_get((state, metrics, evaluated))
 
 

@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from lateral_jax.core.config import LateralConfig
-from lateral_jax.training import predict, run, train
+from lateral_jax.training import predict, run
 from lateral_jax.training.data import sources
+from lateral_jax.training.optimizer import OptimizerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,7 @@ def trained(tmp_path_factory):
             data_dir=str(tmp / "tfds"),
         ),
         model=run.ModelConfig(kind="lccnn", widths=(8,), num_steps=1, lateral=LateralConfig.stable(num_groups=4)),
-        optimizer=train.OptimizerConfig(name="adam", learning_rate=1e-2),
+        optimizer=OptimizerConfig(name="adam", learning_rate=1e-2),
         batch_size=16,
         num_epochs=2.0,
         progress=False,

@@ -30,6 +30,7 @@ from lateral_jax.training.config import to_dict
 from lateral_jax.training.data import sources
 from lateral_jax.training.divergence import DivergenceConfig, DivergenceError, DivergenceMonitor
 from lateral_jax.training.metrics import read_metrics
+from lateral_jax.training.optimizer import OptimizerConfig
 from lateral_jax.training.rundir import RunFolder, RunFolderError
 
 SHORT = dict(num_epochs=2.0, checkpoint_every=2)  # 8 steps, checkpoints at 2, 4, 6, 8 (3 kept)
@@ -79,7 +80,7 @@ def test_a_rerun_with_another_config_is_refused_naming_the_fields_and_loses_noth
     changed = dataclasses.replace(
         config,
         model=dataclasses.replace(config.model, widths=(16,)),
-        optimizer=train.OptimizerConfig(learning_rate=1e-3),
+        optimizer=OptimizerConfig(learning_rate=1e-3),
     )
     with pytest.raises(run.ConfigMismatchError) as error:
         run.train_and_evaluate(changed, tmp_path)
@@ -497,7 +498,7 @@ def test_divergence_monitor_flags_blow_ups_not_slow_starts():
 
 
 def test_a_diverging_run_stops_naming_the_step_or_warns_when_asked(tmp_path):
-    config = tiny_config(**SHORT, optimizer=train.OptimizerConfig(name="sgd", learning_rate=1e4))
+    config = tiny_config(**SHORT, optimizer=OptimizerConfig(name="sgd", learning_rate=1e4))
     with pytest.raises(
         DivergenceError, match=r"training diverged: .* to step 4 .* Checkpoints up to step \d+ are kept"
     ):

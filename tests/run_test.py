@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from lateral_jax.core.recurrence import LateralConfig
-from lateral_jax.training import checkpoint, run, train
+from lateral_jax.core.sharding import make_mesh
+from lateral_jax.training import checkpoint, run, sharding, train
+from lateral_jax.training.optimizer import OptimizerConfig, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +37,7 @@ def tiny_config(**overrides) -> run.RunConfig:
             ei_mode="mixed_sign",
             ei_weight=1e-3,
         ),
-        optimizer=train.OptimizerConfig(name="adam", learning_rate=1e-2),
+        optimizer=OptimizerConfig(name="adam", learning_rate=1e-2),
         batch_size=32,
         num_epochs=3.0,
         log_every=2,
@@ -50,9 +52,9 @@ def final_params(workdir: Path, config: run.RunConfig):
     """The parameters of the newest checkpoint of a run, restored through the library."""
     data = run.build_data(config.data, config.seed)
     model = run.build_model(config.model, data.num_classes, data.input_shape)
-    tx = train.make_optimizer(config.optimizer)
-    mesh = train.make_mesh()
-    target = train.replicate(
+    tx = make_optimizer(config.optimizer)
+    mesh = make_mesh()
+    target = sharding.replicate(
         train.init_state(model, tx, jax.random.key(99), np.zeros((1, *data.input_shape), np.float32)), mesh
     )
     step, state, data_state = checkpoint.Checkpointer(workdir / "checkpoints").restore(target)
@@ -125,7 +127,7 @@ def test_nan_stops_with_an_error_naming_the_step_and_keeps_the_good_checkpoint(t
     """The batch of step 7 is NaN: the update is skipped, the run stops naming step 7, and the
     newest checkpoint (step 6) holds finite parameters."""
     config = tiny_config()
-    shard_batch, calls = train.shard_batch, collections.Counter()
+    shard_batch, calls = sharding.shard_batch, collections.Counter()
 
     def nan_at_step_7(batch, mesh):
         calls["train"] += 1

@@ -16,8 +16,11 @@ import pytest
 
 from lateral_jax.core import models
 from lateral_jax.core.config import LateralConfig
+from lateral_jax.core.sharding import make_mesh
 from lateral_jax.training import device_epochs, run, train
 from lateral_jax.training.data import pipeline
+from lateral_jax.training.optimizer import OptimizerConfig, ema_params, make_optimizer
+from lateral_jax.training.sharding import replicate
 
 
 def write_ilsvrc_folder(root, classes=("n01440764", "n01443537", "n01484850"), train=12, val=4):
@@ -107,10 +110,10 @@ def test_lateral_resnet_gradient_equals_central_differences(block):
         assert float(jnp.abs(grad["stage1_block0_lateral"]["w_lat"]).sum()) > 0
 
 
-def tiny_setup(optimizer: train.OptimizerConfig):
+def tiny_setup(optimizer: OptimizerConfig):
     """``(jitted train_step, state, batch)`` of a one-layer LC-CNN with ``optimizer``."""
     model = models.LCCNN(widths=(4,), num_steps=2, lateral=LateralConfig.stable(num_groups=2, conv_algorithm="xla"))
-    tx = train.make_optimizer(optimizer)
+    tx = make_optimizer(optimizer)
     state = train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.standard_normal((16, 8, 8, 1)), jnp.float32), "label": jnp.arange(16) % 10}
@@ -122,8 +125,8 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
     whole batch: the mean of the halves' mean gradients is the batch's mean gradient (per-example
     norms only)."""
     sgd = dict(name="sgd", learning_rate=0.1, schedule="constant", grad_clip_norm=None)
-    step2, _, state2, batch = tiny_setup(train.OptimizerConfig(**sgd, accumulate_steps=2))
-    step1, _, state1, _ = tiny_setup(train.OptimizerConfig(**sgd))
+    step2, _, state2, batch = tiny_setup(OptimizerConfig(**sgd, accumulate_steps=2))
+    step1, _, state1, _ = tiny_setup(OptimizerConfig(**sgd))
     halves = [jax.tree_util.tree_map(lambda a, s=s: a[s : s + 8], batch) for s in (0, 8)]
     mid, _ = step2(state2, halves[0])
     chex.assert_trees_all_equal(mid.params, state2.params)  # no update after the first half
@@ -135,24 +138,24 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
 
 def test_weight_ema_follows_its_recurrence_and_skips_non_finite_updates():
     step, tx, state, batch = tiny_setup(
-        train.OptimizerConfig(name="adam", learning_rate=1e-2, schedule="constant", ema_decay=0.5, accumulate_steps=1)
+        OptimizerConfig(name="adam", learning_rate=1e-2, schedule="constant", ema_decay=0.5, accumulate_steps=1)
     )
     expected = state.params
     for _ in range(3):
         state, _ = step(state, batch)
         expected = jax.tree_util.tree_map(lambda e, p: 0.5 * e + 0.5 * p, expected, state.params)
-    chex.assert_trees_all_close(train.ema_params(state.opt_state), expected, atol=1e-6)
+    chex.assert_trees_all_close(ema_params(state.opt_state), expected, atol=1e-6)
     bad = {**batch, "image": batch["image"].at[0, 0, 0, 0].set(jnp.nan)}
     after, _ = step(state, bad)
-    chex.assert_trees_all_equal(train.ema_params(after.opt_state), train.ema_params(state.opt_state))
+    chex.assert_trees_all_equal(ema_params(after.opt_state), ema_params(state.opt_state))
     assert int(after.nonfinite_step) == 3
-    with_accumulation = train.make_optimizer(train.OptimizerConfig(ema_decay=0.9, accumulate_steps=2))
-    assert train.ema_params(with_accumulation.init(state.params)) is not None
-    assert train.ema_params(tx.init(state.params)) is not None and train.ema_params(()) is None
+    with_accumulation = make_optimizer(OptimizerConfig(ema_decay=0.9, accumulate_steps=2))
+    assert ema_params(with_accumulation.init(state.params)) is not None
+    assert ema_params(tx.init(state.params)) is not None and ema_params(()) is None
     with pytest.raises(ValueError, match="ema_decay=1.0 must lie in"):
-        train.OptimizerConfig(ema_decay=1.0)
+        OptimizerConfig(ema_decay=1.0)
     with pytest.raises(ValueError, match="accumulate_steps=0 must be >= 1"):
-        train.OptimizerConfig(accumulate_steps=0)
+        OptimizerConfig(accumulate_steps=0)
 
 
 def test_label_smoothing_and_lars():
@@ -160,7 +163,7 @@ def test_label_smoothing_and_lars():
     smoothed = train.cross_entropy(logits, jnp.array([0]), 0.3)
     log_p = jax.nn.log_softmax(logits[0])
     np.testing.assert_allclose(float(smoothed[0]), -float(0.8 * log_p[0] + 0.1 * log_p[1] + 0.1 * log_p[2]), rtol=1e-6)
-    step, _, state, batch = tiny_setup(train.OptimizerConfig(name="lars", learning_rate=0.5, schedule="constant"))
+    step, _, state, batch = tiny_setup(OptimizerConfig(name="lars", learning_rate=0.5, schedule="constant"))
     new, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
     kernel_change = float(jnp.abs(new.params["lateral_0"]["w_ff"] - state.params["lateral_0"]["w_ff"]).max())
@@ -189,9 +192,9 @@ def test_random_resized_crop_and_centre_crop():
 def test_device_resident_data_is_sharded_and_gathered_locally():
     """Each of the 8 devices holds 1/8 of the split, loaded once per block; the compiled epoch moves no
     images between devices (no all-gather or all-to-all)."""
-    mesh = train.make_mesh()
+    mesh = make_mesh()
     model = models.LCCNN(widths=(4,), num_steps=1, lateral=LateralConfig.stable(num_groups=2, conv_algorithm="xla"))
-    tx = train.make_optimizer(train.OptimizerConfig(name="sgd", learning_rate=0.1, schedule="constant"))
+    tx = make_optimizer(OptimizerConfig(name="sgd", learning_rate=0.1, schedule="constant"))
     rng = np.random.default_rng(0)
     all_images = rng.standard_normal((83, 8, 8, 1)).astype(np.float32)
     all_labels = rng.integers(0, 10, 83).astype(np.int32)
@@ -209,7 +212,7 @@ def test_device_resident_data_is_sharded_and_gathered_locally():
         d = shard.index[0].start // 10
         assert shard.data.shape == (10, 8, 8, 1)
         np.testing.assert_array_equal(np.asarray(shard.data), all_images[blocks[d]])
-    state = train.replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, 8, 8, 1))), mesh)
+    state = replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, 8, 8, 1))), mesh)
     epoch = device_epochs.make_device_epoch(model, tx, mesh, batch_size=16, augment=False, scan=True)
     hlo = epoch.lower(state, images, labels, jax.random.key(3)).compile().as_text()
     assert "all-gather" not in hlo and "all-to-all" not in hlo

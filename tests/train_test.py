@@ -9,23 +9,24 @@ import pytest
 
 from lateral_jax.core import models
 from lateral_jax.core.recurrence import LateralConfig
+from lateral_jax.core.sharding import make_mesh
 from lateral_jax.training import device_epochs, train
+from lateral_jax.training.optimizer import OptimizerConfig, make_optimizer
+from lateral_jax.training.sharding import check_batch_size, replicate, shard_batch
 
 SMALL = LateralConfig.stable(num_groups=2)
 
 
 def setup(num_devices, batch=16, ei_mode="mixed_sign"):
     model = models.LCEICNN(widths=(4, 8), num_steps=2, lateral=SMALL, ei_mode=ei_mode, ei_weight=1e-2)
-    tx = train.make_optimizer(
-        train.OptimizerConfig(name="momentum", learning_rate=0.1, total_steps=10), ei_mode=ei_mode
-    )
-    mesh = train.make_mesh(jax.devices()[:num_devices])
+    tx = make_optimizer(OptimizerConfig(name="momentum", learning_rate=0.1, total_steps=10), ei_mode=ei_mode)
+    mesh = make_mesh(jax.devices()[:num_devices])
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.standard_normal((batch, 16, 16, 3)).astype(np.float32),
         "label": rng.integers(0, 10, batch).astype(np.int32),
     }
-    state = train.replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, 16, 16, 3))), mesh)
+    state = replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, 16, 16, 3))), mesh)
     return model, tx, mesh, state, batch
 
 
@@ -41,7 +42,7 @@ def test_data_parallel_step_equals_single_device_step():
         model, tx, mesh, state, batch = setup(n)
         step = train.jit_train_step(model, tx, mesh)
         for _ in range(2):
-            state, metrics = step(state, train.shard_batch(batch, mesh))
+            state, metrics = step(state, shard_batch(batch, mesh))
         results[n] = (jax.device_get(state.params), {k: float(v) for k, v in metrics.items()})
         if n == 8:
             leaf = jax.tree_util.tree_leaves(state.params)[0]
@@ -55,7 +56,7 @@ def test_train_step_lowers_the_loss_and_traces_once():
     model, tx, mesh, state, batch = setup(8)
     step = chex.assert_max_traces(lambda s, b: train.train_step(s, b, model=model, tx=tx), n=1)
     step = jax.jit(step, donate_argnums=0)
-    data = train.shard_batch(batch, mesh)
+    data = shard_batch(batch, mesh)
     losses = []
     for _ in range(8):
         state, metrics = step(state, data)
@@ -67,17 +68,17 @@ def test_train_step_lowers_the_loss_and_traces_once():
 def test_non_finite_step_is_skipped_and_recorded():
     model, tx, mesh, state, batch = setup(1)
     step = train.jit_train_step(model, tx, mesh)
-    state, _ = step(state, train.shard_batch(batch, mesh))
+    state, _ = step(state, shard_batch(batch, mesh))
     before, before_opt = jax.device_get(state.params), jax.device_get(state.opt_state.inner_state)
     bad = {**batch, "image": np.full_like(batch["image"], np.nan)}
-    state, metrics = step(state, train.shard_batch(bad, mesh))
+    state, metrics = step(state, shard_batch(bad, mesh))
     assert not np.isfinite(float(metrics["loss"]))
     assert int(state.nonfinite_step) == 1 and int(state.step) == 2
     chex.assert_trees_all_equal(jax.device_get(state.params), before)
     # the skip is optax.apply_if_finite's: it counted the step and left the optimiser state alone
     assert int(state.opt_state.total_notfinite) == 1 and not bool(state.opt_state.last_finite)
     chex.assert_trees_all_equal(jax.device_get(state.opt_state.inner_state), before_opt)
-    state, _ = step(state, train.shard_batch(batch, mesh))
+    state, _ = step(state, shard_batch(batch, mesh))
     assert int(state.nonfinite_step) == 1  # the first bad step is kept
 
 
@@ -87,7 +88,7 @@ def test_projection_mode_keeps_lateral_kernels_sign_pure():
     model, tx, mesh, state, batch = setup(1, ei_mode="project")
     step = train.jit_train_step(model, tx, mesh)
     for _ in range(3):
-        state, _ = step(state, train.shard_batch(batch, mesh))
+        state, _ = step(state, shard_batch(batch, mesh))
     for w in ei.lateral_kernels(jax.device_get(state.params)).values():
         assert float(ei.mixed_sign_penalty(w)) == 0.0
 
@@ -106,11 +107,11 @@ def test_eval_step_ignores_padding():
 
 
 def test_batch_not_divisible_by_devices():
-    mesh = train.make_mesh()
+    mesh = make_mesh()
     with pytest.raises(
         ValueError, match="batch_size=12 is not divisible by the 8 devices of the mesh; use a multiple of 8"
     ):
-        train.check_batch_size(12, mesh)
+        check_batch_size(12, mesh)
 
 
 @pytest.mark.parametrize(
@@ -126,7 +127,7 @@ def test_batch_not_divisible_by_devices():
 )
 def test_optimizer_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        train.OptimizerConfig(**kwargs)
+        OptimizerConfig(**kwargs)
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scan", "loop"])
@@ -151,7 +152,7 @@ def test_device_epoch_equals_the_host_loop_over_the_same_batches(scan):
     for row, k in zip(draws, jax.random.split(aug_key, draws.shape[0]), strict=True):
         idx = np.concatenate([blocks[d][row[2 * d : 2 * d + 2]] for d in range(8)])
         batch = {"image": np.asarray(device_epochs.augment_on_device(k, images[idx])), "label": np.asarray(labels[idx])}
-        ref_state, _ = step(ref_state, train.shard_batch(batch, mesh))
+        ref_state, _ = step(ref_state, shard_batch(batch, mesh))
     chex.assert_trees_all_close(
         jax.device_get(new_state.params), jax.device_get(ref_state.params), atol=1e-5, rtol=1e-5
     )

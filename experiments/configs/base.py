@@ -20,7 +20,7 @@ from ml_collections import config_dict
 from experiments.configs import variants
 from lateral_jax.core.config import LateralConfig
 from lateral_jax.training.config import DataConfig, ModelConfig, RunConfig
-from lateral_jax.training.train import OptimizerConfig
+from lateral_jax.training.optimizer import OptimizerConfig
 
 
 def as_config_dict(obj: Any) -> ml_collections.ConfigDict:

@@ -2,7 +2,7 @@
 
 :class:`RunConfig` nests :class:`DataConfig`, :class:`ModelConfig` (which holds the layer's
 :class:`~lateral_jax.core.config.LateralConfig` and :class:`~lateral_jax.core.config.LoopOptions`)
-and :class:`~lateral_jax.training.train.OptimizerConfig`.  :meth:`RunConfig.from_config_dict` is
+and :class:`~lateral_jax.training.optimizer.OptimizerConfig`.  :meth:`RunConfig.from_config_dict` is
 the one way in: it types a nested mapping (an ``ml_collections`` config, a run folder's
 ``config.json``) with :func:`from_dict` and checks it with :func:`validate`; :func:`to_dict` is
 its inverse.
@@ -21,7 +21,7 @@ from lateral_jax.core.config import LateralConfig, LoopOptions
 from lateral_jax.core.hgru import HGRUConfig
 from lateral_jax.training.data import official, sources
 from lateral_jax.training.divergence import DivergenceConfig
-from lateral_jax.training.train import OptimizerConfig
+from lateral_jax.training.optimizer import OptimizerConfig
 
 SYNTHETIC = ("contour", "pathfinder", "pathfinder_published")
 DATASETS = (*SYNTHETIC, *official.DATASETS, "image_folder", "tfds")

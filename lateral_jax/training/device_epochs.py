@@ -27,7 +27,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from lateral_jax.core.sharding import DATA_AXIS, in_mesh
-from lateral_jax.training.train import batch_sharding, check_batch_size, eval_step, replicated, train_step
+from lateral_jax.training.sharding import batch_sharding, check_batch_size, replicated
+from lateral_jax.training.train import eval_step, train_step
 
 
 def augment_on_device(key: jax.Array, images: jax.Array, *, crop_padding: int = 4, flip: bool = True) -> jax.Array:

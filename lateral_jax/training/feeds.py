@@ -14,6 +14,7 @@ from lateral_jax.training import device_epochs, train
 from lateral_jax.training.config import RunConfig
 from lateral_jax.training.data import pipeline
 from lateral_jax.training.datasets import Data
+from lateral_jax.training.sharding import shard_batch
 
 
 def augmentation_of(config: RunConfig, input_shape: tuple[int, ...]):
@@ -46,7 +47,7 @@ class HostFeed:
             )
         )
 
-    shard = staticmethod(train.shard_batch)
+    shard = staticmethod(shard_batch)
 
     def advance(self, state: train.TrainState):
         return self.step_fn(state, self.shard(next(self.iterator), self.mesh))

@@ -26,12 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lateral_jax.core.sharding import make_mesh
 from lateral_jax.training import checkpoint, train
 from lateral_jax.training.data import pipeline, sources
 from lateral_jax.training.datasets import build_data
+from lateral_jax.training.optimizer import make_optimizer
 from lateral_jax.training.programs import build_model
 from lateral_jax.training.run import load_run_config
 from lateral_jax.training.rundir import atomic_write_text
+from lateral_jax.training.sharding import batch_sharding, replicate, replicated
 
 BadImages = Literal["error", "skip"]
 Channels = Literal["error", "convert"]
@@ -182,8 +185,8 @@ def restore_params(
             f"{directory} holds no checkpoint: {workdir} has not been trained (or was trained with "
             "keep_checkpoints=0); train it first or pass the folder of a trained run."
         )
-    mesh = train.make_mesh()
-    target = train.replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, *input_shape))), mesh)
+    mesh = make_mesh()
+    target = replicate(train.init_state(model, tx, jax.random.key(0), jnp.zeros((1, *input_shape))), mesh)
     ckpt = checkpoint.Checkpointer(directory)
     try:
         restored = ckpt.restore(target, step=step)
@@ -198,13 +201,13 @@ def probabilities(
     model: Any, params: Any, images: np.ndarray, *, batch_size: int, progress: bool = False
 ) -> np.ndarray:
     """Softmax outputs of ``model`` for ``images`` in batches split over every device (the last padded)."""
-    mesh = train.make_mesh()
+    mesh = make_mesh()
     batch_size = -(-batch_size // mesh.size) * mesh.size
-    params = train.replicate(params, mesh)
+    params = replicate(params, mesh)
     forward = jax.jit(
         lambda p, x: jax.nn.softmax(model.apply({"params": p}, x).logits.astype(jnp.float32), axis=-1),
-        in_shardings=(train.replicated(mesh), train.batch_sharding(mesh)),
-        out_shardings=train.batch_sharding(mesh),
+        in_shardings=(replicated(mesh), batch_sharding(mesh)),
+        out_shardings=batch_sharding(mesh),
     )
     out = []
     bar = _progress_bar(len(images), progress)
@@ -244,7 +247,7 @@ def predict(
     config = load_run_config(workdir)
     data = build_data(config.data, config.seed)
     model = build_model(config.model, data.num_classes, data.input_shape)
-    tx = train.make_optimizer(config.optimizer, ei_mode=config.model.ei_mode)
+    tx = make_optimizer(config.optimizer, ei_mode=config.model.ei_mode)
     if data.normalisation.scale != 255.0:
         raise ValueError(
             f"the run in {workdir} trained on float arrays (dataset={config.data.dataset!r}), not on image files; "

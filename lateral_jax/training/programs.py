@@ -23,10 +23,11 @@ import optax
 from jax.sharding import Mesh
 
 from lateral_jax.core import dynamics, hgru_models, models
+from lateral_jax.core.sharding import make_mesh
 from lateral_jax.training import device_epochs, train
 from lateral_jax.training.config import ModelConfig
 from lateral_jax.training.data import sources
-from lateral_jax.training.train import OptimizerConfig
+from lateral_jax.training.optimizer import OptimizerConfig, make_optimizer
 
 COMPILATION_CACHE_ENV = "LATERAL_JAX_COMPILATION_CACHE"
 
@@ -151,9 +152,9 @@ def programs(
     """The :class:`Programs` of a run (``optimizer.total_steps`` set; ``devices``: ``jax.devices()``,
     part of the key so a changed device set builds anew)."""
     del devices
-    mesh = train.make_mesh()
+    mesh = make_mesh()
     model = build_model(model_config, num_classes, input_shape)
-    tx = train.make_optimizer(optimizer, ei_mode=model_config.ei_mode)
+    tx = make_optimizer(optimizer, ei_mode=model_config.ei_mode)
     step = epoch = None
     if device_data:
         epoch = device_epochs.make_device_epoch(

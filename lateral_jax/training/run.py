@@ -30,6 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lateral_jax.core import models
+from lateral_jax.core.sharding import make_mesh
 from lateral_jax.training import checkpoint, train
 from lateral_jax.training.config import (
     DataConfig,
@@ -45,6 +46,7 @@ from lateral_jax.training.datasets import Data, build_data
 from lateral_jax.training.divergence import DivergenceError, DivergenceMonitor
 from lateral_jax.training.feeds import DeviceFeed, HostFeed
 from lateral_jax.training.metrics import MetricWriter
+from lateral_jax.training.optimizer import ema_params
 from lateral_jax.training.programs import Programs, build_model, programs
 from lateral_jax.training.rundir import (
     EXIT_DIVERGED,
@@ -56,6 +58,7 @@ from lateral_jax.training.rundir import (
     RunFolder,
     RunFolderError,
 )
+from lateral_jax.training.sharding import check_batch_size, replicate
 
 # --------------------------------------------------------------------------------------------
 # The loop
@@ -127,7 +130,7 @@ def assemble(config: RunConfig, data: Data) -> Assembly:
         devices=tuple(jax.devices()),
     )
     example = jnp.zeros((1, *data.input_shape), jnp.float32)
-    initial = train.replicate(train.init_state(p.model, p.tx, jax.random.key(config.seed), example), p.mesh)
+    initial = replicate(train.init_state(p.model, p.tx, jax.random.key(config.seed), example), p.mesh)
     return Assembly(p, initial, steps_per_epoch, total_steps)
 
 
@@ -137,7 +140,7 @@ class _Run:
     def __init__(self, config: RunConfig, workdir: Path):
         self.config, self.workdir = config, workdir
         self.is_main = jax.process_index() == 0
-        train.check_batch_size(config.batch_size, train.make_mesh())
+        check_batch_size(config.batch_size, make_mesh())
         self.data = build_data(config.data, config.seed)
         p, self.initial, self.steps_per_epoch, self.total_steps = assemble(config, self.data)
         self.mesh, self.model, self.tx, self.eval_fn, self.spectral_fn = p.mesh, p.model, p.tx, p.eval_step, p.spectral
@@ -165,7 +168,7 @@ class _Run:
         as ``ema_accuracy`` / ``ema_loss`` when the optimiser keeps one."""
         result = train.evaluate(self.eval_fn, state.params, self.batches(source), self.mesh)
         values = {"accuracy": result["accuracy"], "loss": result["loss"]}
-        ema = train.ema_params(state.opt_state)
+        ema = ema_params(state.opt_state)
         if ema is not None:
             result = train.evaluate(self.eval_fn, ema, self.batches(source), self.mesh)
             values.update(ema_accuracy=result["accuracy"], ema_loss=result["loss"])
