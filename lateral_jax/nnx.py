@@ -11,15 +11,17 @@ from lateral_jax.core.nnx_models import (
     FCNN,
     LCCNN,
     LCEICNN,
-    MODELS,
     LateralCNN,
     LateralConv,
     LateralRecurrence,
-    LateralResNet,
     UnsharedCNN,
     load_params,
     params_dict,
 )
+from lateral_jax.core.nnx_resnet import LateralResNet
+
+# The NNX model of each model kind with an NNX twin (the Linen registry: lateral_jax.core.models.MODELS).
+MODELS = {"fcnn": FCNN, "lccnn": LCCNN, "lceicnn": LCEICNN, "unshared": UnsharedCNN, "lateral_resnet": LateralResNet}
 
 __all__ = [
     "FCNN",

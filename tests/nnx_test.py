@@ -8,6 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
+from lateral_jax import nnx as lnnx
 from lateral_jax.core import ei, models, nnx_models
 from lateral_jax.core.config import LateralConfig, LoopOptions
 
@@ -32,7 +33,7 @@ def _twins(case):
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
     linen = models.MODELS[kind](**kw)
     params = linen.init(jax.random.key(0), x)["params"]
-    twin = nnx_models.MODELS[kind](3, **kw, rngs=nnx.Rngs(7))
+    twin = lnnx.MODELS[kind](3, **kw, rngs=nnx.Rngs(7))
     assert jax.tree.structure(nnx_models.params_dict(twin)) == jax.tree.structure(params)
     nnx_models.load_params(twin, params)
     return linen, params, twin, x
@@ -133,3 +134,26 @@ def test_the_two_flax_faces_name_the_same_layers_and_models():
         assert issubclass(getattr(linen, name), flax.linen.Module), name
         assert issubclass(getattr(nnx, name), flax_nnx.Module), name
     assert lateral_jax.LateralConv is linen.LateralConv and lateral_jax.LCCNN is linen.LCCNN
+
+
+def test_every_nnx_class_documents_each_constructor_argument():
+    """Each NNX layer and model of ``lateral_jax.nnx`` has an ``Args:`` section naming every
+    argument of its ``__init__`` (a subclass may inherit its parent's)."""
+    import inspect
+
+    from flax import nnx as flax_nnx
+
+    from lateral_jax import nnx
+
+    undocumented = {}
+    for name in nnx.__all__:
+        cls = getattr(nnx, name)
+        if not (inspect.isclass(cls) and issubclass(cls, flax_nnx.Module)):
+            continue
+        doc = next(c.__doc__ for c in cls.__mro__ if c.__doc__ and "Args:" in c.__doc__)
+        args = doc.split("Args:", 1)[1]
+        params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        missing = [p for p in params if p not in args]
+        if missing:
+            undocumented[name] = missing
+    assert undocumented == {}

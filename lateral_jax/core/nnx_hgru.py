@@ -27,7 +27,15 @@ from lateral_jax.core.nnx_models import _read_norm
 
 
 class HGRULayer(nnx.Module):
-    """NNX twin of :class:`lateral_jax.core.hgru_models.HGRULayer` (plus ``channels`` and ``rngs``)."""
+    """NNX twin of :class:`lateral_jax.core.hgru_models.HGRULayer`: T hGRU loops on a drive.
+
+    Args:
+      channels: channels C of the drive and the state.
+      num_steps: T (ignored in ``"implicit"`` mode, which iterates to the fixed point).
+      config: :class:`~lateral_jax.core.hgru.HGRUConfig`.
+      loop: :class:`~lateral_jax.core.config.LoopOptions`.
+      rngs: the ``nnx.Rngs`` the parameters are drawn from (:func:`lateral_jax.core.hgru.init_params`).
+    """
 
     def __init__(
         self,
@@ -79,7 +87,18 @@ class HGRULayer(nnx.Module):
 
 
 class HGRUNet(nnx.Module):
-    """NNX twin of :class:`lateral_jax.core.hgru_models.HGRUNet` (plus ``in_features`` and ``rngs``)."""
+    """NNX twin of :class:`lateral_jax.core.hgru_models.HGRUNet`: stem convolution → T hGRU loops →
+    GroupNorm → global max pool → dense.
+
+    Args:
+      in_features: input channels.
+      width: channels of the stem and the hGRU.
+      stem_size: the stem convolution's kernel size.
+      num_classes, num_steps, config, loop: as :class:`HGRULayer`.
+      ei_mode, ei_weight: the E/I loss on the signed kernels (:func:`~lateral_jax.core.hgru_models.ei_penalty`).
+      dtype: computation dtype.
+      rngs: the ``nnx.Rngs`` the parameters are drawn from.
+    """
 
     def __init__(
         self,

@@ -1,7 +1,8 @@
 """Flax NNX versions of the layers and models: thin wrappers over the same pure core.
 
 Each NNX module holds its parameters as ``nnx.Param`` attributes with the names and nesting of
-the Linen module it mirrors (:mod:`lateral_jax.core.layers`, :mod:`lateral_jax.core.models`), and
+the Linen module it mirrors (:mod:`lateral_jax.core.layers`, :mod:`lateral_jax.core.models`; the
+ResNet's twin is :mod:`lateral_jax.core.nnx_resnet`, the hGRU's :mod:`lateral_jax.core.nnx_hgru`), and
 its ``__call__`` runs the same pure functions (:func:`lateral_jax.core.recurrence.unroll`,
 :func:`~lateral_jax.core.recurrence.recur`, :func:`lateral_jax.core.pooling.max_pool`).  So the
 parameters of a Linen model (``variables["params"]``), loaded with :func:`load_params`, give the same logits, states,
@@ -23,7 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen, nnx
+from flax import nnx
 
 from lateral_jax.core import dynamics, ei, plan, pooling, recurrence
 from lateral_jax.core.cell import Unrolled, check_input
@@ -87,7 +88,22 @@ class _LateralParams(nnx.Module):
 
 
 class LateralConv(_LateralParams):
-    """NNX twin of :class:`lateral_jax.core.layers.LateralConv`: ``recurrence.unroll`` as a layer."""
+    """NNX twin of :class:`lateral_jax.core.layers.LateralConv`: ``recurrence.unroll`` as a layer.
+
+    Args:
+      in_features: input channels.
+      features: output channels C.
+      num_steps: T lateral loops (0: a plain conv + norm + activation, no lateral parameters).
+      config: :class:`~lateral_jax.core.config.LateralConfig` (kernels, norms, activation, leak).
+      loop: :class:`~lateral_jax.core.config.LoopOptions` (gradient mode, truncation, implicit
+        solver, unrolling, remat chunks).
+      ei_mode: only ``"parametrise"`` changes the parameters; the penalty modes act through the
+        loss (:func:`lateral_jax.core.ei.ei_penalty`).
+      excitatory_fraction: fraction of E channels of the parametrised form.
+      unshared: the compute-matched control, one lateral kernel per loop.
+      dtype: computation dtype (parameters stay float32).
+      rngs: the ``nnx.Rngs`` the parameters are drawn from.
+    """
 
     def __init__(
         self,
@@ -157,7 +173,12 @@ class LateralConv(_LateralParams):
 
 
 class LateralRecurrence(_LateralParams):
-    """NNX twin of :class:`lateral_jax.core.layers.LateralRecurrence`: loops on a given drive."""
+    """NNX twin of :class:`lateral_jax.core.layers.LateralRecurrence`: loops on a given drive.
+
+    Args:
+      channels: channels C of the drive and the state.
+      num_steps, config, loop, ei_mode, excitatory_fraction, rngs: as :class:`LateralConv`.
+    """
 
     def __init__(
         self,
@@ -215,9 +236,23 @@ def _collect(out: Unrolled, name: str, record: Record, states: dict, residuals: 
 
 
 class LateralCNN(nnx.Module):
-    """NNX twin of :class:`lateral_jax.core.models.LateralCNN` (same attributes, plus
-    ``in_features`` and ``rngs``); ``FCNN``, ``LCCNN``, ``LCEICNN`` and ``UnsharedCNN`` below set
-    the same defaults as their Linen twins."""
+    """NNX twin of :class:`lateral_jax.core.models.LateralCNN`; ``FCNN``, ``LCCNN``, ``LCEICNN``
+    and ``UnsharedCNN`` below set the same defaults as their Linen twins.
+
+    Args:
+      in_features: input channels (1 for MNIST, 3 for CIFAR-10).
+      widths: channels of each conv stage (each stage halves the resolution).
+      num_classes: outputs of the dense head.
+      num_steps: T lateral loops in each lateral layer (``None``: the class default; 0: the F-CNN).
+      lateral: :class:`~lateral_jax.core.config.LateralConfig`.
+      lateral_layers: indices of the stages with lateral connections (``None``: all).
+      loop: :class:`~lateral_jax.core.config.LoopOptions` of every lateral layer.
+      ei_mode, ei_weight, excitatory_fraction: E/I separation (``None``: the class default); the
+        loss term is :meth:`ei_penalty` (``ei_weight · L_EI``).
+      unshared: the compute-matched control (``None``: the class default).
+      dtype: computation dtype (parameters and logits stay float32).
+      rngs: the ``nnx.Rngs`` the parameters are drawn from.
+    """
 
     default_num_steps, default_ei_mode, default_ei_weight, default_unshared = 4, "none", 0.0, False
 
@@ -301,114 +336,13 @@ class UnsharedCNN(LateralCNN):
     default_unshared = True
 
 
-class _BasicBlock(nnx.Module):
-    def __init__(self, in_features: int, features: int, strides: int, num_groups: int, dtype: Any, rngs: nnx.Rngs):
-        def conv(cin, size, stride):
-            return nnx.Conv(
-                cin, features, (size, size), (stride, stride), padding="SAME", use_bias=False, dtype=dtype, rngs=rngs
-            )
-
-        def gn():
-            return nnx.GroupNorm(features, num_groups=num_groups, dtype=dtype, rngs=rngs)
-
-        self.conv1, self.norm1 = conv(in_features, 3, strides), gn()
-        self.conv2, self.norm2 = conv(features, 3, 1), gn()
-        if in_features != features or strides != 1:
-            self.proj, self.proj_norm = conv(in_features, 1, strides), gn()
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.norm2(self.conv2(jax.nn.relu(self.norm1(self.conv1(x)))))
-        if hasattr(self, "proj"):
-            x = self.proj_norm(self.proj(x))
-        return h + x
-
-
-class LateralResNet(nnx.Module):
-    """NNX twin of :class:`lateral_jax.core.models.LateralResNet` (same attributes, plus
-    ``in_features`` and ``rngs``)."""
-
-    def __init__(
-        self,
-        in_features: int,
-        *,
-        stage_sizes: Sequence[int] = (2, 2, 2, 2),
-        widths: Sequence[int] = (64, 128, 256, 512),
-        num_classes: int = 10,
-        num_steps: int = 4,
-        lateral: LateralConfig = LateralConfig.stable(),
-        lateral_stages: Sequence[int] = (0, 1),
-        loop: LoopOptions = LoopOptions(),
-        ei_mode: ei.EIMode = "none",
-        ei_weight: float = 0.0,
-        excitatory_fraction: float = 0.8,
-        small_inputs: bool = True,
-        num_groups: int = 8,
-        dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        _check_widths(widths)
-        if len(stage_sizes) != len(widths):
-            raise ValueError(f"stage_sizes {tuple(stage_sizes)} and widths {tuple(widths)} differ in length.")
-        self.ei_mode, self.ei_weight, self.excitatory_fraction = ei_mode, ei_weight, excitatory_fraction
-        self.small_inputs, self.dtype, self.blocks = small_inputs, dtype, []
-        size = (3, 3) if small_inputs else (7, 7)
-        stride = (1, 1) if small_inputs else (2, 2)
-        self.stem = nnx.Conv(
-            in_features, widths[0], size, stride, padding="SAME", use_bias=False, dtype=dtype, rngs=rngs
-        )
-        self.stem_norm = nnx.GroupNorm(widths[0], num_groups=num_groups, dtype=dtype, rngs=rngs)
-        channels = widths[0]
-        for s, (blocks, width) in enumerate(zip(stage_sizes, widths, strict=True)):
-            for b in range(blocks):
-                name, strides = f"stage{s}_block{b}", 2 if (s > 0 and b == 0) else 1
-                setattr(self, name, _BasicBlock(channels, width, strides, num_groups, dtype, rngs))
-                lateral_name = None
-                if s in lateral_stages and num_steps > 0:
-                    lateral_name = f"{name}_lateral"
-                    layer = LateralRecurrence(
-                        width,
-                        num_steps=num_steps,
-                        config=lateral,
-                        loop=loop,
-                        ei_mode=ei_mode,
-                        excitatory_fraction=excitatory_fraction,
-                        rngs=rngs,
-                    )
-                    setattr(self, lateral_name, layer)
-                self.blocks.append((name, lateral_name))
-                channels = width
-        self.head = nnx.Linear(channels, num_classes, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x: jax.Array, *, record: Record = False) -> ModelOutput:
-        h = jax.nn.relu(self.stem_norm(self.stem(x.astype(self.dtype))))
-        if not self.small_inputs:
-            h = linen.max_pool(h, (3, 3), strides=(2, 2), padding="SAME")
-        states, residuals = {}, {}
-        for name, lateral_name in self.blocks:
-            drive = getattr(self, name)(h)
-            if lateral_name is None:
-                h = jax.nn.relu(drive)
-                continue
-            out = getattr(self, lateral_name)(drive, return_states=_wants(record, lateral_name))
-            h = _collect(out, lateral_name, record, states, residuals)
-        return ModelOutput(_classify(self.head, h), states, residuals)
-
-    def ei_penalty(self) -> jax.Array:
-        """``ei_weight · L_EI`` of the current parameters."""
-        return weighted_ei_penalty(self, params_dict(self))
-
-
-MODELS = {"fcnn": FCNN, "lccnn": LCCNN, "lceicnn": LCEICNN, "unshared": UnsharedCNN, "lateral_resnet": LateralResNet}
-
 __all__ = [
     "FCNN",
     "LCCNN",
     "LCEICNN",
-    "MODELS",
     "LateralCNN",
     "LateralConv",
     "LateralRecurrence",
-    "LateralResNet",
     "UnsharedCNN",
     "load_params",
     "params_dict",
