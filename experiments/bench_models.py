@@ -43,6 +43,12 @@ STUDY_MODELS = (
     ("cifar10", "cifar_converged", ("fcnn", "fcnn_matched", "lccnn_T4", "lceicnn_T4_l1e-3", "unshared_T4")),
     ("cifar10", "cpu", ("fcnn", "fcnn_matched", "lccnn_T4", "lceicnn_T4_l1e-3", "unshared_T4")),
     ("contour", "embedded", ("fcnn", "fcnn_matched", "lccnn_T4", "lceicnn_T4_l1e-3", "unshared_T4")),
+    # the field's benchmark (experiments/curves.py --protocol pathfinder_bench), length 6
+    (
+        "pathfinder_published",
+        "pathfinder_bench",
+        ("fcnn", "fcnn_matched", "lccnn_T4", "lccnn_T8", "lceicnn_T4_l1e-3", "hgru_T8", "hgru_T8_crbp"),
+    ),
 )
 # (config file, variant, models): the field's benchmark (experiments/configs/pathfinder_published.py).
 CONFIG_MODELS = (("pathfinder_published", "6", ("fcnn", "lccnn_T4", "hgru_T8")),)
