@@ -279,13 +279,18 @@ def run_one(
     }
 
 
-def spectral_radii(folder: Path) -> dict:
-    """``{"spectral_radius": {layer: ρ(J)}}`` of the run's last evaluation (the loop Jacobian's
-    spectral radius at the final state, ``RunConfig.spectral_images``), else ``{}``."""
+def _evaluations(folder: Path) -> list[dict]:
+    """The ``"eval"`` records of the run's ``metrics.jsonl`` (none when it has no file)."""
     from lateral_jax.training.metrics import read_metrics
 
     path = folder / "metrics.jsonl"
-    evals = [r for r in read_metrics(path) if r.get("kind") == "eval"] if path.exists() else []
+    return [r for r in read_metrics(path) if r.get("kind") == "eval"] if path.exists() else []
+
+
+def spectral_radii(folder: Path) -> dict:
+    """``{"spectral_radius": {layer: ρ(J)}}`` of the run's last evaluation (the loop Jacobian's
+    spectral radius at the final state, ``RunConfig.spectral_images``), else ``{}``."""
+    evals = _evaluations(folder)
     prefix = "loop/spectral_radius/"
     last = max(evals, key=lambda r: r["step"]) if evals else {}
     radii = {k[len(prefix) :]: round(float(v), 4) for k, v in last.items() if k.startswith(prefix)}
@@ -295,10 +300,7 @@ def spectral_radii(folder: Path) -> dict:
 def learning_curve(folder: Path) -> dict:
     """``{"val_curve": [[step, accuracy], ...]}`` from the run's ``metrics.jsonl`` when it evaluated
     more than once (``Protocol.eval_every_epoch``), else ``{}``."""
-    from lateral_jax.training.metrics import read_metrics
-
-    path = folder / "metrics.jsonl"
-    evals = [r for r in read_metrics(path) if r.get("kind") == "eval"] if path.exists() else []
+    evals = _evaluations(folder)
     if len(evals) < 2:
         return {}
     return {"val_curve": [[r["step"], round(float(r["accuracy"]), 4)] for r in sorted(evals, key=lambda r: r["step"])]}

@@ -62,30 +62,25 @@ class HGRULayer(nn.Module):
         # the key of the first parameter initialised (init functions run only when initialising)
         drawn: dict[str, hgru.HGRUParams] = {}
 
-        def initial(name):
+        def initial(pick):
             def init(key):
                 if "all" not in drawn:
                     drawn["all"] = hgru.init_params(key, channels, self.config)
-                return getattr(drawn["all"], name)
+                return pick(drawn["all"])
 
             return init
-
-        def initial_norm(key, site):
-            if "all" not in drawn:
-                drawn["all"] = hgru.init_params(key, channels, self.config)
-            return drawn["all"].norms[site]
 
         values = {}
         for name in PARAM_NAMES:
             if name == "w_excite" and self.config.shared_kernel:
                 continue
-            values[name] = self.param(name, initial(name))
+            values[name] = self.param(name, initial(lambda p, name=name: getattr(p, name)))
         norms = None
         if self.config.gate_norm != "none":
             norms = tuple(
                 NormParams(
-                    self.param(f"norm_{site}_scale", lambda key, i=i: initial_norm(key, i).scale),
-                    self.param(f"norm_{site}_bias", lambda key, i=i: initial_norm(key, i).bias),
+                    self.param(f"norm_{site}_scale", initial(lambda p, i=i: p.norms[i].scale)),
+                    self.param(f"norm_{site}_bias", initial(lambda p, i=i: p.norms[i].bias)),
                 )
                 for i, site in enumerate(hgru.NORM_SITES)
             )
