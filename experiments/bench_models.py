@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import bench, study
+from experiments import bench, curves, study
 from lateral_jax.core import cell, hgru_models, models
 from lateral_jax.core.sharding import make_mesh
 from lateral_jax.training import device_epochs, programs, train
@@ -47,7 +47,7 @@ STUDY_MODELS = (
     (
         "pathfinder_published",
         "pathfinder_bench",
-        ("fcnn", "fcnn_matched", "lccnn_T4", "lccnn_T8", "lceicnn_T4_l1e-3", "hgru_T8", "hgru_T8_crbp"),
+        curves.BENCHMARK_MODELS,
     ),
 )
 # (config file, variant, models): the field's benchmark (experiments/configs/pathfinder_published.py).

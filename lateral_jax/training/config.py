@@ -3,9 +3,10 @@
 :class:`RunConfig` nests :class:`DataConfig`, :class:`ModelConfig` (which holds the layer's
 :class:`~lateral_jax.core.config.LateralConfig` and :class:`~lateral_jax.core.config.LoopOptions`)
 and :class:`~lateral_jax.training.optimizer.OptimizerConfig`.  :meth:`RunConfig.from_config_dict` is
-the one way in: it types a nested mapping (an ``ml_collections`` config, a run folder's
-``config.json``) with :func:`from_dict` and checks it with :func:`validate`; :func:`to_dict` is
-its inverse.
+the way in for a new run: it types a nested mapping (an ``ml_collections`` config) with
+:func:`from_dict` and checks it with :func:`validate`.  A run folder's ``config.json`` was validated
+when the run started and is read back with :func:`from_dict` alone (so a finished run still loads
+where, say, its archive path no longer exists); :func:`to_dict` is the inverse of both.
 """
 
 from __future__ import annotations
@@ -174,9 +175,9 @@ class RunConfig:
 
     @classmethod
     def from_config_dict(cls, config: Any) -> RunConfig:
-        """The one way in from outside: a nested mapping (an ``ml_collections.ConfigDict``, its
-        ``to_dict()``, a run folder's ``config.json``) typed by :func:`from_dict` and checked by
-        :func:`validate`; a bad field raises ``ValueError`` naming it, the value and the fix."""
+        """A new run's config from a nested mapping (an ``ml_collections.ConfigDict`` or its
+        ``to_dict()``), typed by :func:`from_dict` and checked by :func:`validate`; a bad field
+        raises ``ValueError`` naming it, the value and the fix."""
         raw = config.to_dict() if hasattr(config, "to_dict") else config
         run_config = from_dict(raw, cls)
         validate(run_config)
