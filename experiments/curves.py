@@ -6,6 +6,7 @@
   python -m experiments.curves --protocol pathfinder_bench --knobs pathfinder_published:contour_length \
       --models fcnn,fcnn_matched,lccnn_T4,lccnn_T8,lceicnn_T4_l1e-3,hgru_T8,hgru_T8_crbp --reuse "" \
       --shard 0/2 --out results/pathfinder_published/benchmark.jsonl        # the field's benchmark
+  python -m experiments.curves ... --models hgru_T8_crbp --levels 6       # one level only
 
 Each knob of a task (:data:`KNOBS`: contour path length, spacing and clutter; Pathfinder curve
 length and distractors) is varied alone, the others left at their defaults
@@ -108,16 +109,18 @@ def run_curves(
     protocol: study.Protocol | None = None,
     reuse: list[Path] = (),
     shard: tuple[int, int] = (0, 1),
+    levels: tuple[float, ...] | None = None,
 ) -> bool:
-    """Runs every planned run not yet in ``out`` (or, at a default level, in ``reuse``); ``False``
-    when a preemption stopped it."""
+    """Runs every planned run not yet in ``out`` (or, at a default level, in ``reuse``), only at
+    ``levels`` when given; ``False`` when a preemption stopped it."""
     protocol = protocol or study.PROTOCOLS[PROTOCOL]
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {(r["dataset"], r["knob"], r["level"], r["variant"], r["seed"]) for r in read_rows([out])}
     studied = {
         (r["dataset"], r["variant"], r["seed"]) for r in read_rows(list(reuse)) if r["protocol"] == protocol.name
     }
-    for position, (task, knob, level, variant, seed) in enumerate(plan(knobs, models, seeds)):
+    planned = [run for run in plan(knobs, models, seeds) if levels is None or run[2] in levels]
+    for position, (task, knob, level, variant, seed) in enumerate(planned):
         if position % shard[1] != shard[0] or (task, knob, level, variant, seed) in done:
             continue
         if level == default_level(task, knob) and (task, variant, seed) in studied:
@@ -268,6 +271,7 @@ def main(argv=None) -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     p.add_argument("--reuse", default="results/study_embedded.jsonl", help="study rows standing in at default levels")
+    p.add_argument("--levels", default=None, help="only these (comma-separated) knob levels, e.g. 6,9")
     p.add_argument("--shard", default="0/1", help="i/n: every n-th run from the i-th (one process per core)")
     p.add_argument("--tables", default=None, help="only print the tables of these (comma-separated) results files")
     p.add_argument("--figure", default=None, help="with --tables: also draw the curves to this PNG")
@@ -287,12 +291,13 @@ def main(argv=None) -> None:
         models = tuple(args.models.split(","))
         for name in models:
             study.variants.overrides(name)
+        levels = None if args.levels is None else tuple(float(v) for v in args.levels.split(","))
     except ValueError as e:
         p.error(str(e))
     seeds = tuple(int(s) for s in args.seeds.split(","))
     protocol = study.PROTOCOLS[args.protocol]
     finished = run_curves(
-        Path(args.out), knobs, models=models, seeds=seeds, protocol=protocol, reuse=reuse, shard=shard
+        Path(args.out), knobs, models=models, seeds=seeds, protocol=protocol, reuse=reuse, shard=shard, levels=levels
     )
     if not finished:
         print("preempted: the unfinished run saved a checkpoint; rerun the same command to resume.", flush=True)

@@ -65,10 +65,13 @@ def test_the_pathfinder_benchmark_runs_published_lengths_with_the_hgru_settings(
     monkeypatch.setenv("LATERAL_JAX_DATA", str(tmp_path / "data"))
     out, knob = tmp_path / "bench.jsonl", [("pathfinder_published", "contour_length")]
     tiny = dataclasses.replace(study.PROTOCOLS["smoke"], synthetic_train=64, synthetic_validation=32)
+    assert curves.run_curves(out, knob, models=("hgru_T2",), seeds=(0,), protocol=tiny, levels=(9.0,))
+    assert [json.loads(line)["level"] for line in out.read_text().splitlines()] == [9.0]  # only the given level
     assert curves.run_curves(out, knob, models=("hgru_T2",), seeds=(0,), protocol=tiny)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["level"], r["val_examples"]) for r in rows] == [(6.0, 32), (9.0, 32), (14.0, 32)]
+    assert [(r["level"], r["val_examples"]) for r in rows] == [(9.0, 32), (6.0, 32), (14.0, 32)]
     assert all(set(r["spectral_radius"]) == {"hgru"} and 0 < r["spectral_radius"]["hgru"] < 10 for r in rows)
+    rows = sorted(rows, key=lambda r: r["level"])
     rows[0]["spectral_radius"] = {"hgru": 0.5}
     rows[1]["spectral_radius"] = {"hgru": 0.75}
     table = curves.spectral_table([*rows[:2], {**rows[1], "seed": 1, "spectral_radius": {"hgru": 0.25}}], ("hgru_T2",))
