@@ -125,3 +125,7 @@ def test_the_paper_protocol_and_kernel_suffix_reach_the_lateral_layers():
     assert (stable.model.lateral.loop_norm, stable.model.lateral.lateral_size) == ("group", 3)
     assert (stable.batch_size, stable.optimizer.warmup_steps, stable.model.widths) == (32, 100, (8, 16, 16))
     assert stable.optimizer.learning_rate == 2e-3 and stable.num_epochs == 4.0
+    long = study.run_config("pathfinder", "lceicnn_T4_param", 2, study.PROTOCOLS["embedded_long"], 4096)
+    short = study.run_config("pathfinder", "lceicnn_T4_param", 2, study.PROTOCOLS["embedded"], 4096)
+    assert (long.num_epochs, long.eval_every) == (8.0, 1024)  # evaluated once, at the end
+    assert dataclasses.replace(long, num_epochs=4.0, eval_every=512) == short  # only the length differs
