@@ -67,6 +67,14 @@ def test_same_seed_same_parameters(tmp_path):
     b = run.train_and_evaluate(config, tmp_path / "b")
     assert a["validation_accuracy"] == b["validation_accuracy"]
     chex.assert_trees_all_equal(final_params(tmp_path / "a", config)[1], final_params(tmp_path / "b", config)[1])
+    # load_trained restores into an abstract target (no initialisation run): the same parameters
+    chex.assert_trees_all_equal(run.load_trained(tmp_path / "a").params, final_params(tmp_path / "a", config)[1])
+    data = run.build_data(config.data, config.seed)
+    concrete, abstract = run.assemble(config, data).initial, run.assemble(config, data, abstract=True).initial
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(abstract))
+    assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(concrete)
+    signature = lambda t: [(x.shape, x.dtype, x.sharding) for x in jax.tree_util.tree_leaves(t)]  # noqa: E731
+    assert signature(abstract) == signature(concrete)
     assert (tmp_path / "a" / "final.json").exists() and (tmp_path / "a" / "metrics.jsonl").exists()
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in records} == {"train", "eval"}

@@ -58,7 +58,7 @@ from lateral_jax.training.rundir import (
     RunFolder,
     RunFolderError,
 )
-from lateral_jax.training.sharding import check_batch_size, replicate
+from lateral_jax.training.sharding import check_batch_size, replicate, replicated_shapes
 
 # --------------------------------------------------------------------------------------------
 # The loop
@@ -66,12 +66,9 @@ from lateral_jax.training.sharding import check_batch_size, replicate
 
 
 class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop polls (save, then exit).
-
-    Multi-host runs also stop at orbax's preemption sync point (``reached_preemption``), which
-    agrees across hosts on one step; that service exists only after ``jax.distributed.initialize``,
-    so a single process relies on this flag.
-    """
+    """Turns SIGTERM into a flag the loop polls (save, then exit).  Multi-host runs also stop at
+    orbax's preemption sync point (``reached_preemption``), which agrees across hosts on one step;
+    that service exists only after ``jax.distributed.initialize``, so one process relies on this."""
 
     def __init__(self):
         self.requested = False
@@ -112,9 +109,10 @@ class Assembly(NamedTuple):
     total_steps: int
 
 
-def assemble(config: RunConfig, data: Data) -> Assembly:
+def assemble(config: RunConfig, data: Data, *, abstract: bool = False) -> Assembly:
     """The one assembler of a run: its programs (the optimiser's schedule counts updates, one per
-    ``accumulate_steps`` batches) and its initial state (a checkpoint's restore target)."""
+    ``accumulate_steps`` batches) and its initial state (a checkpoint's restore target; with
+    ``abstract`` only its shapes, dtypes and shardings, which skips running the initialisation)."""
     steps_per_epoch = max(1, len(data.train) // config.batch_size)
     total_steps = max(1, math.ceil(config.num_epochs * steps_per_epoch))
     updates = math.ceil(total_steps / config.optimizer.accumulate_steps)
@@ -130,7 +128,10 @@ def assemble(config: RunConfig, data: Data) -> Assembly:
         devices=tuple(jax.devices()),
     )
     example = jnp.zeros((1, *data.input_shape), jnp.float32)
-    initial = replicate(train.init_state(p.model, p.tx, jax.random.key(config.seed), example), p.mesh)
+    if abstract:
+        initial = replicated_shapes(train.abstract_state(p.model, p.tx, example), p.mesh)
+    else:
+        initial = replicate(train.init_state(p.model, p.tx, jax.random.key(config.seed), example), p.mesh)
     return Assembly(p, initial, steps_per_epoch, total_steps)
 
 
@@ -403,7 +404,7 @@ def load_trained(workdir: str | Path) -> TrainedRun:
     """Config, data, model and the newest readable checkpoint's parameters of a run."""
     config = load_run_config(workdir)
     data = build_data(config.data, config.seed)
-    assembly = assemble(config, data)
+    assembly = assemble(config, data, abstract=True)
     ckpt = checkpoint.Checkpointer(Path(workdir) / "checkpoints")
     restored = ckpt.restore(assembly.initial)
     ckpt.close()

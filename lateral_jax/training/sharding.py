@@ -42,6 +42,12 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> Batch:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
+def replicated_shapes(tree: Any, mesh: Mesh) -> Any:
+    """``tree``'s leaves as ``jax.ShapeDtypeStruct`` replicated over ``mesh`` (e.g. a restore target)."""
+    sharding = replicated(mesh)
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Puts a pytree (identical on every process) on every device of the mesh."""
     sharding = replicated(mesh)

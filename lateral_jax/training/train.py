@@ -61,6 +61,11 @@ def init_state(model: Any, tx: optax.GradientTransformation, key: jax.Array, exa
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jnp.full((), -1, jnp.int32))
 
 
+def abstract_state(model: Any, tx: optax.GradientTransformation, example: jax.Array) -> TrainState:
+    """:func:`init_state`'s shapes and dtypes (``jax.ShapeDtypeStruct`` leaves; nothing is computed)."""
+    return jax.eval_shape(lambda: init_state(model, tx, jax.random.key(0), example))
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Per-example cross-entropy against ``(1 - ε) one_hot(labels) + ε / K`` (``ε = label_smoothing``)."""
     if not label_smoothing:
