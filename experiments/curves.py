@@ -292,6 +292,9 @@ def main(argv=None) -> None:
         for name in models:
             study.variants.overrides(name)
         levels = None if args.levels is None else tuple(float(v) for v in args.levels.split(","))
+        known = {float(v) for k in knobs for v in KNOBS[k]}
+        if levels is not None and not set(levels) <= known:
+            raise ValueError(f"--levels: {args.levels} is not among the knobs' levels {sorted(known)}.")
     except ValueError as e:
         p.error(str(e))
     seeds = tuple(int(s) for s in args.seeds.split(","))

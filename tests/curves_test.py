@@ -49,6 +49,13 @@ def test_unknown_knobs_are_refused_with_the_known_ones():
         curves.parse_knobs("contour:width")
 
 
+def test_levels_outside_the_knobs_are_refused_naming_the_known_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        curves.main(["--knobs", "pathfinder_published:contour_length", "--levels", "7"])
+    assert exit_info.value.code == 2
+    assert "--levels: 7 is not among the knobs' levels [6.0, 9.0, 14.0]" in capsys.readouterr().err
+
+
 def test_the_pathfinder_benchmark_runs_published_lengths_with_the_hgru_settings(tmp_path, monkeypatch):
     """The field's benchmark is a curve over the published contour length: its protocol's data and
     the benchmark hGRU (C-RBP in implicit mode); each row carries the loops' ρ(J), tabulated."""
